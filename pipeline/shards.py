@@ -1,0 +1,97 @@
+"""Reading the manifest that prep/shard.py writes, and planning who reads which samples.
+
+Both loaders split an epoch the same way: the split's shards, in an order shuffled per epoch for
+training, are laid end to end, and each rank takes one contiguous run of samples from that list.
+Training gives every rank the same count (DDP needs equal step counts, so up to world_size-1
+samples rest out an epoch); evaluation gives every sample to exactly one rank.
+"""
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+class DataError(RuntimeError):
+    """Bad or missing data, with a message that says what to do. Scripts print it without a traceback."""
+
+    def __init__(self, message: str):
+        # A DataLoader re-raises a worker's exception as type(exn)(its traceback text): keep the
+        # worker's own message so the user sees one clear line.
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Shard:
+    tar: Path
+    idx: Path
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class Span:
+    """Samples [start, stop) of one shard, counted in the shard's stored order."""
+    shard: Shard
+    start: int
+    stop: int
+
+
+def load_manifest(data_path) -> dict:
+    data_path = Path(data_path)
+    path = data_path / MANIFEST
+    if not path.is_file():
+        hint = ("make the shards first: `python prep/shard.py` for CelebA in dataset/celeba/img_align_celeba, "
+                "or `python prep/shard.py --synthetic 5000` for the built-in synthetic faces")
+        if data_path.is_dir() and any(data_path.glob("*.jpg")):
+            hint = f"{data_path} holds JPEGs, not shards: run `python prep/shard.py --data-path {data_path}` first"
+        raise DataError(f"no {MANIFEST} in {data_path}: {hint}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exn:
+        raise DataError(f"{path} is not a readable manifest ({exn}); run prep/shard.py again") from exn
+
+
+def split_shards(data_path, split: str) -> list[Shard]:
+    data_path = Path(data_path)
+    manifest = load_manifest(data_path)
+    entry = manifest.get("splits", {}).get(split)
+    if not entry or not entry["shards"]:
+        raise DataError(f"{data_path / MANIFEST} has no samples in split '{split}'")
+    shards = [Shard(data_path / s["tar"], data_path / s["idx"], s["num_samples"]) for s in entry["shards"]]
+    for shard in shards:
+        if not shard.tar.is_file():
+            raise DataError(f"shard {shard.tar} is listed in the manifest but missing; run prep/shard.py again")
+    return shards
+
+
+def rank_samples(total: int, rank: int, world_size: int, train: bool) -> tuple[int, int]:
+    """The [start, stop) run of the epoch's sample order that `rank` reads."""
+    if train:
+        per_rank = total // world_size
+        return rank * per_rank, (rank + 1) * per_rank
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def epoch_order(shards: list[Shard], epoch: int, seed: int, shuffle: bool) -> list[Shard]:
+    # Every rank computes the same order from (seed, epoch), so no communication is needed.
+    order = list(shards)
+    if shuffle:
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+    return order
+
+
+def take(shards: list[Shard], start: int, stop: int) -> list[Span]:
+    """The spans of `shards`, laid end to end, that cover samples [start, stop)."""
+    spans, offset = [], 0
+    for shard in shards:
+        lo, hi = max(start, offset), min(stop, offset + shard.num_samples)
+        if lo < hi:
+            spans.append(Span(shard, lo - offset, hi - offset))
+        offset += shard.num_samples
+    return spans
