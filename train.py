@@ -1,0 +1,263 @@
+"""Train the convolutional VAE on CelebA shards.
+
+    python train.py --data-path dataset/celeba/shards              # one GPU or the CPU
+    torchrun --nproc_per_node 4 train.py --data-path ...            # several GPUs, same flags
+
+Reads top to bottom: config, data, model, the loop. Writes into --output-dir:
+reconstructions_epoch{n}.png, generated_samples.png, vae_celeba.pth (a plain CPU state_dict that
+`VariationalAutoEncoder(z_dim=128).load_state_dict(torch.load(...))` takes), checkpoint.pt (resumable,
+rewritten atomically after each epoch) and metrics.jsonl (one line per epoch).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from model import VariationalAutoEncoder, VAELoss, vae_loss
+from pipeline import CROPS, LOADERS, DataError, build_loader
+
+# ----------------------------------------------------------------------------- config
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-path", default="dataset/celeba/shards", help="folder with manifest.json and shards "
+                   "written by prep/shard.py (default: dataset/celeba/shards)")
+    p.add_argument("--loader", choices=LOADERS, default="torch", help="torch: webdataset + DataLoader; "
+                   "dali: NVIDIA DALI pipeline (pip install nvidia-dali-cuda130) (default: torch)")
+    p.add_argument("--epochs", type=int, default=40, help="total epochs, counting resumed ones (default: 40)")
+    p.add_argument("-b", "--batch-size", type=int, default=128, help="images per step and per GPU (default: 128)")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default: 3e-4)")
+    p.add_argument("--beta", type=float, default=1e-3, help="KL weight; BCE is a per-pixel mean and KL a per-image "
+                   "sum, so 1.0 collapses to one average face (default: 0.001)")
+    p.add_argument("--z-dim", type=int, default=128, help="latent dimensions (default: 128)")
+    p.add_argument("-j", "--workers", type=int, default=None, help="loader processes (torch) or threads (dali) "
+                   "(default: min(8, CPU cores - 1), at least 1)")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default: auto, CUDA when present)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision: auto is "
+                   "bf16 on CUDA and off on CPU, where bf16 is much slower; fp16 uses a GradScaler (default: auto)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory format, faster convolutions on GPUs (default: on)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (default: on for CUDA, off on CPU where it does not help)")
+    p.add_argument("--crop", choices=CROPS, default="center", help="center: the usual 148x148 CelebA-64 crop; "
+                   "none: squash the whole 178x218 frame like the original seed code (default: center)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="random horizontal flips of training images (default: on)")
+    p.add_argument("--output-dir", default="output", help="where images, weights and logs go (default: output)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint (default path: OUTPUT_DIR/checkpoint.pt)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, data order, flips and sampling")
+    args = p.parse_args(argv)
+    if args.workers is None:
+        args.workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    if args.resume == "":
+        args.resume = str(Path(args.output_dir) / "checkpoint.pt")
+    return args
+
+
+class TrainingError(RuntimeError):
+    """Stops training with a message for the user rather than a traceback."""
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # Several processes under torchrun: one GPU each, gradients averaged by DDP.
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
+    else:
+        rank, world_size = 0, 1
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    master = rank == 0
+    amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    # ------------------------------------------------------------------------- data
+    def loader(split):
+        return build_loader(args.loader, args.data_path, split, args.batch_size, device, rank=rank,
+                            world_size=world_size, workers=args.workers, seed=args.seed, crop=args.crop,
+                            flip=args.flip if split == "train" else False)
+
+    train_loader, val_loader = loader("train"), loader("val")
+    if len(train_loader) == 0:
+        raise TrainingError(f"{args.data_path}: the train split has {train_loader.num_samples} images per rank, "
+                            f"fewer than one batch of {args.batch_size}; lower --batch-size or add images")
+    preview = next(iter(val_loader))[:16]  # the same faces every epoch, so reconstructions compare
+
+    # ------------------------------------------------------------------------- model
+    raw_model = VariationalAutoEncoder(z_dim=args.z_dim).to(device, memory_format=memory_format)
+    model = DistributedDataParallel(raw_model) if ddp else raw_model
+    optimizer = torch.optim.Adam(raw_model.parameters(), lr=args.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+    def to_input(images):
+        return images.to(memory_format=memory_format).float().div_(255)
+
+    def forward_loss(images):
+        x = to_input(images)
+        with autocast:
+            x_hat, mu, logvar = model(x)
+        return vae_loss(x_hat, x, mu, logvar, args.beta)  # fp32, outside autocast
+
+    step_loss = torch.compile(forward_loss) if use_compile else forward_loss
+
+    start_epoch = 0
+    if args.resume:
+        if not Path(args.resume).is_file():
+            raise TrainingError(f"--resume: no checkpoint at {args.resume}")
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = ckpt["epoch"]
+        random.setstate(ckpt["rng"]["python"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        if master:
+            print(f"resumed from {args.resume} after epoch {start_epoch}")
+
+    if master:
+        print(f"{args.loader} loader: {train_loader.num_samples * world_size} training images per epoch, "
+              f"{len(train_loader)} steps of {args.batch_size} x {world_size} | device {device}, amp {amp}, "
+              f"compile {'on' if use_compile else 'off'}, channels_last {'on' if args.channels_last else 'off'}")
+
+    def reduce(stats: torch.Tensor) -> torch.Tensor:
+        if ddp:
+            dist.all_reduce(stats)
+        return stats
+
+    @torch.no_grad()
+    def evaluate():
+        raw_model.eval()
+        stats = torch.zeros(5, device=device)  # images, loss, bce, kl, neg_elbo (sums over images)
+        for images in val_loader:
+            x = to_input(images)
+            with autocast:
+                x_hat, mu, logvar = raw_model(x)
+            out = vae_loss(x_hat, x, mu, logvar, args.beta)
+            stats += torch.stack([torch.ones((), device=device), *out]) * len(x)
+        raw_model.train()
+        n, *sums = reduce(stats).tolist()
+        return dict(zip(VAELoss._fields, (s / n for s in sums)))
+
+    @torch.no_grad()
+    def save_reconstructions(epoch):
+        raw_model.eval()
+        x = to_input(preview)
+        with autocast:
+            recon = raw_model.decode(raw_model.encode(x)[0]).float()
+        raw_model.train()
+        save_image(make_grid(torch.cat([x, recon]), nrow=len(x)), out_dir / f"reconstructions_epoch{epoch}.png")
+
+    def save_checkpoint(epoch):
+        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "epoch": epoch, "args": vars(args),
+                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+        tmp = out_dir / "checkpoint.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, out_dir / "checkpoint.pt")  # a crash mid-save never leaves a half checkpoint
+
+    # ------------------------------------------------------------------------- the loop
+    log_every = 25  # steps between host syncs: reading the loss forces the GPU to catch up
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            train_loader.set_epoch(epoch)
+            stats = torch.zeros(4, device=device)  # loss, bce, kl, neg_elbo, summed over steps
+            bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master,
+                       dynamic_ncols=True)
+            started = time.perf_counter()
+            for step, images in enumerate(train_loader):
+                out = step_loss(images)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                stats += torch.stack(out).detach()
+                bar.update()
+                if (step + 1) % log_every == 0 or step + 1 == len(train_loader):
+                    mean = (stats / (step + 1)).tolist()
+                    if not all(map(math.isfinite, mean)):
+                        raise TrainingError(
+                            f"the loss became {mean[0]} in epoch {epoch + 1} near step {step + 1}; stopped without "
+                            f"saving. The last good checkpoint is {out_dir / 'checkpoint.pt'}: try a lower --lr, "
+                            f"or --amp off if mixed precision is on, and --resume")
+                    seconds = time.perf_counter() - started
+                    bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{(step + 1) * args.batch_size * world_size / seconds:.0f}")
+            bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            train = dict(zip(VAELoss._fields, (reduce(stats) / (len(train_loader) * world_size)).tolist()))
+            val = evaluate()
+            if master:
+                save_reconstructions(epoch + 1)
+                save_checkpoint(epoch + 1)
+                record = {"epoch": epoch + 1,
+                          **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()},
+                          "val_bits_per_dim": VAELoss.bits_per_dim(val["neg_elbo"]),
+                          "images_per_s": len(train_loader) * args.batch_size * world_size / seconds,
+                          "seconds": seconds}
+                with open(out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(f"epoch {epoch + 1}: train loss {train['loss']:.4f} | val loss {val['loss']:.4f}, "
+                      f"{record['val_bits_per_dim']:.3f} bits/dim | {record['images_per_s']:.0f} img/s")
+    except KeyboardInterrupt:
+        if master:
+            print(f"\ninterrupted in epoch {epoch + 1}; {out_dir / 'checkpoint.pt'} holds the last whole epoch. "
+                  f"Continue with the same command and --resume", file=sys.stderr)
+        return 130
+
+    if master:
+        raw_model.eval()
+        generator = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            samples = raw_model.decode(torch.randn(64, args.z_dim, generator=generator).to(device)).float()
+        save_image(make_grid(samples, nrow=8), out_dir / "generated_samples.png")
+        weights = {k: v.detach().cpu() for k, v in raw_model.state_dict().items()}
+        torch.save(weights, out_dir / "vae_celeba.pth")
+        print(f"wrote {out_dir / 'vae_celeba.pth'}, {out_dir / 'generated_samples.png'}")
+    if ddp:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (DataError, TrainingError) as exn:
+        print(f"error: {exn}", file=sys.stderr)
+        sys.exit(1)
