@@ -13,7 +13,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 BETA = 1e-3
 CLAMP_EPS = 1e-6  # BCE takes log(x) and log(1-x): exact 0 or 1 would give -inf
@@ -32,13 +31,16 @@ class VAELoss(NamedTuple):
 
 def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
              beta: float = BETA) -> VAELoss:
-    # CUDA autocast refuses F.binary_cross_entropy, and log terms lose too much in bf16/fp16.
+    # Autocast off: log terms lose too much in bf16/fp16 (and CUDA autocast refuses F.binary_cross_entropy).
     with torch.autocast(device_type=x.device.type, enabled=False):
         x_hat = x_hat.float().clamp(CLAMP_EPS, 1 - CLAMP_EPS)
         x = x.float().clamp(CLAMP_EPS, 1 - CLAMP_EPS)
         mu, logvar = mu.float(), logvar.float()
         batch, pixels = x.shape[0], x[0].numel()
-        bce_sum = F.binary_cross_entropy(x_hat, x, reduction="sum") / batch
+        # BCE written out rather than F.binary_cross_entropy: that kernel rejects a NaN input with
+        # an error (a device-side assert on CUDA, which kills the process) where this lets the NaN
+        # reach the loss, so training can stop with a clear message.
+        bce_sum = -(x * torch.log(x_hat) + (1 - x) * torch.log1p(-x_hat)).sum() / batch
         kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / batch
         bce = bce_sum / pixels
         return VAELoss(bce + beta * kl, bce, kl, bce_sum + kl)

@@ -1,0 +1,130 @@
+"""train.py end to end on the synthetic shards, on the CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--batch-size", "32", "--workers", "1"]
+
+SEED_SNIPPET = """
+import torch
+from model import VariationalAutoEncoder
+
+model = VariationalAutoEncoder(z_dim=128)
+model.load_state_dict(torch.load("vae_celeba.pth"))
+model.eval()
+
+z = torch.randn(16, 128)
+samples = model.decode(z)
+print(tuple(samples.shape), float(samples.min()), float(samples.max()))
+"""
+
+
+def run(shards, out, *extra):
+    return train.main(["--data-path", str(shards), "--output-dir", str(out), *FAST, *extra])
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert run(shards, out, "--epochs", "3") == 0
+    return out
+
+
+def test_training_lowers_the_loss(trained):
+    rows = metrics(trained)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    for r in rows:
+        assert 0 < r["val_bits_per_dim"] < 8 and r["images_per_s"] > 0 and r["seconds"] > 0
+        assert r["val_loss"] == pytest.approx(r["val_bce"] + 1e-3 * r["val_kl"], rel=1e-5)
+
+
+def test_outputs_are_pngs_of_the_right_size(trained):
+    for epoch in (1, 2, 3):
+        with Image.open(trained / f"reconstructions_epoch{epoch}.png") as im:
+            assert im.format == "PNG" and im.size == (16 * 66 + 2, 2 * 66 + 2)  # 16 faces over their reconstructions
+    with Image.open(trained / "generated_samples.png") as im:
+        im.load()
+        assert im.format == "PNG" and im.size == (8 * 66 + 2, 8 * 66 + 2)
+
+
+def test_seed_readme_snippet_loads_the_weights(trained):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", SEED_SNIPPET], cwd=trained, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("(16, 3, 64, 64)")
+    weights = torch.load(trained / "vae_celeba.pth")
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in weights)
+    assert all(t.device.type == "cpu" for t in weights.values())
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(shards, tmp_path):
+    assert run(shards, tmp_path / "straight", "--epochs", "2", "--seed", "3") == 0
+    assert run(shards, tmp_path / "resumed", "--epochs", "1", "--seed", "3") == 0
+    assert run(shards, tmp_path / "resumed", "--epochs", "2", "--seed", "3", "--resume") == 0
+    a = torch.load(tmp_path / "straight" / "vae_celeba.pth")
+    b = torch.load(tmp_path / "resumed" / "vae_celeba.pth")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["epoch"] for r in metrics(tmp_path / "resumed")] == [1, 2]
+
+
+def test_a_diverging_loss_stops_with_a_clear_message(shards, tmp_path):
+    with pytest.raises(train.TrainingError, match="loss became"):
+        run(shards, tmp_path, "--epochs", "1", "--lr", "1e30")
+    assert not (tmp_path / "vae_celeba.pth").exists() and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_missing_shards_say_what_to_do(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--data-path", str(tmp_path / "nowhere"), "--epochs", "1"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "no manifest.json" in result.stderr and "prep/shard.py" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_resume_continues(shards, tmp_path):
+    cmd = [sys.executable, "train.py", "--data-path", str(shards), "--output-dir", str(tmp_path), *FAST,
+           "--batch-size", "8", "--epochs", "50"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    done = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"]
+    assert done >= 1
+    assert run(shards, tmp_path, "--batch-size", "8", "--epochs", str(done + 1), "--resume") == 0
+    assert metrics(tmp_path)[-1]["epoch"] == done + 1
+
+
+def test_compile_runs_on_cpu(shards, tmp_path):
+    assert run(shards, tmp_path, "--epochs", "1", "--compile") == 0
+    assert (tmp_path / "vae_celeba.pth").exists()
+
+
+def test_help_explains_every_flag():
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    for flag in ("--data-path", "--loader", "--epochs", "--batch-size", "--lr", "--beta", "--z-dim", "--workers",
+                 "--device", "--amp", "--channels-last", "--compile", "--crop", "--output-dir", "--resume", "--seed"):
+        assert flag in result.stdout
