@@ -34,7 +34,8 @@ def decode_resized(jpeg: bytes, crop: str = "center") -> np.ndarray:
     box = crop_box(width, height, crop)
     need = (math.ceil(width * IMAGE_SIZE / (box[2] - box[0])), math.ceil(height * IMAGE_SIZE / (box[3] - box[1])))
     im.draft("RGB", need)
-    scale = im.size[0] / width
+    # libjpeg scales by exactly 1/2, 1/4 or 1/8 and rounds odd sides up, so the factor is a power of two.
+    scale = 1 / round(width / im.size[0])
     if im.mode != "RGB":
         im = im.convert("RGB")
     # PIL's bilinear filter widens its support when shrinking, so this resize is antialiased.

@@ -16,9 +16,12 @@ import io
 import json
 import os
 import random
+import re
+import signal
 import sys
 import tarfile
 import time
+from collections import deque
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -35,6 +38,7 @@ CELEBA_SPLIT = {"train": 162_770, "val": 19_867, "test": 19_962}  # official par
 PARTITION_FILE = "list_eval_partition.txt"
 JOURNAL = ".journal.jsonl"
 DALI_INDEX_VERSION = "v1.2"
+SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.(tar|idx)(\.tmp)?$")  # the names this script writes
 GET_CELEBA = (
     "Download img_align_celeba.zip from the CelebA site (https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html; "
     "torchvision's download is not used, it fails on Google Drive quotas), unzip it to "
@@ -94,13 +98,20 @@ def read_partition(path: Path) -> dict[str, str]:
     """file name -> split, from CelebA's `000001.jpg 0` lines (0 train, 1 val, 2 test)."""
     names = {"0": "train", "1": "val", "2": "test"}
     table = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except OSError as exn:
+        fail(f"cannot read the partition file {path}: {exn.strerror}. Pass the path of CelebA's "
+             f"{PARTITION_FILE}, or leave --partition-file out to split by key hash")
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()
         if len(parts) != 2 or parts[1] not in names:
             fail(f"{path}, line {n}: expected '<file name> <0|1|2>', found {line!r}")
         table[parts[0]] = names[parts[1]]
+    if not table:
+        fail(f"{path} lists no files; expected CelebA's '<file name> <0|1|2>' lines")
     return table
 
 
@@ -148,6 +159,11 @@ def fingerprint(plan, options) -> str:
 
 
 # ---------------------------------------------------------------------------- checking
+def ignore_sigint():
+    # Ctrl-C is the parent's to handle: it stops the pool; workers dying on their own print tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def check_image(job):
     """(path, quality) -> (key, jpeg bytes or None, note): runs in the worker pool."""
     path, quality = job
@@ -251,10 +267,17 @@ def read_journal(path: Path, plan_id: str, overwrite: bool) -> dict:
         return {}
     done = {}
     for entry in lines[1:]:
-        shard = entry["shard"]
-        if (path.parent / shard["tar"]).is_file() and (path.parent / shard["idx"]).is_file():
-            done[shard["name"]] = entry
+        shard = entry["shard"]  # None for a shard whose every file was skipped
+        if shard is None or ((path.parent / shard["tar"]).is_file() and (path.parent / shard["idx"]).is_file()):
+            done[entry["name"]] = entry
     return done
+
+
+def remove_old_shards(out: Path):
+    """Before --overwrite writes a new plan: the old run's shards must not linger beside the new manifest."""
+    for p in out.iterdir():
+        if SHARD_FILE.match(p.name):
+            p.unlink()
 
 
 def main(argv=None):
@@ -266,8 +289,11 @@ def main(argv=None):
     files = list_images(args.data_path)
     partition = read_partition(args.partition_file) if args.partition_file else None
     plan, skipped = plan_shards(files, partition, args.shard_size, args.seed)
+    if not plan:
+        reasons = sorted({s["reason"] for s in skipped})
+        fail(f"none of the {len(files)} images in {args.data_path} can be sharded: " + "; ".join(reasons[:3]))
     options = {"shard_size": args.shard_size, "seed": args.seed, "quality": args.quality,
-               "split_source": str(args.partition_file) if partition else "key hash"}
+               "split_source": str(args.partition_file) if partition is not None else "key hash"}
     plan_id = fingerprint(plan, options)
 
     out = args.output_dir
@@ -282,19 +308,29 @@ def main(argv=None):
             fail(f"{out} already holds shards made from other inputs or options; "
                  "pass --overwrite to replace them, or choose another --output-dir")
         manifest_path.unlink()
+        remove_old_shards(out)
 
     journal_path = out / JOURNAL
     done = read_journal(journal_path, plan_id, args.overwrite)
     if not done:
+        if args.overwrite:
+            remove_old_shards(out)
         journal_path.write_text(json.dumps({"plan": plan_id}) + "\n")
     pending = [(name, paths) for name, paths in plan if name not in done]
-    jobs = [(path, args.quality) for _, paths in pending for path in paths]
 
     started = time.time()
-    with Pool(args.workers) as pool, open(journal_path, "a") as journal, \
-            tqdm(total=len(jobs), desc="sharding", unit="img", disable=args.quiet) as bar:
-        results = pool.imap(check_image, jobs, chunksize=32)
-        for name, paths in pending:
+    with Pool(args.workers, initializer=ignore_sigint) as pool, open(journal_path, "a") as journal, \
+            tqdm(total=sum(len(paths) for _, paths in pending), desc="sharding", unit="img",
+                 disable=args.quiet) as bar:
+        # Work is queued one shard ahead of the writer: the workers never wait on it, and no more than
+        # two shards of image bytes sit in memory however far the writer falls behind.
+        def submit(paths):
+            return pool.imap(check_image, [(path, args.quality) for path in paths], chunksize=16)
+        queued = deque(submit(paths) for _, paths in pending[:2])
+        for i, (name, paths) in enumerate(pending):
+            results = queued.popleft()
+            if i + 2 < len(pending):
+                queued.append(submit(pending[i + 2][1]))
             writer, notes = ShardWriter(out, name), {"skipped": [], "reencoded": []}
             for path in paths:
                 key, jpeg, note = next(results)
@@ -307,9 +343,9 @@ def main(argv=None):
                 bar.update()
             if writer.count == 0:  # every file of this shard was bad: keep no empty shard
                 writer.writer.close(); writer.file.close(); writer.tmp.unlink()
-                done[name] = {"shard": None, **notes}
+                done[name] = {"name": name, "shard": None, **notes}
             else:
-                done[name] = {"shard": writer.finish(), **notes}
+                done[name] = {"name": name, "shard": writer.finish(), **notes}
             journal.write(json.dumps(done[name]) + "\n")
             journal.flush()
             os.fsync(journal.fileno())
@@ -340,4 +376,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished shards are kept; run the same command again to finish the job",
+              file=sys.stderr)
+        sys.exit(130)

@@ -126,3 +126,17 @@ def test_dct_downscaled_decode_matches_a_full_decode(faces_dir, crop):
         diffs.append(np.abs(fast - reference).mean())
     # measured on synthetic faces (0..255 units): mean 0.92 centre-cropped, 0.54 squashed; max 1.2
     assert np.mean(diffs) < 1.5
+
+
+@pytest.mark.parametrize("size", [(161, 219), (177, 217), (63, 65)])
+@pytest.mark.parametrize("crop", ["center", "none"])
+def test_odd_sized_frames_decode(faces_dir, size, crop):
+    """Draft mode rounds each side up on its own; the crop box must still fit the decoded frame."""
+    face = Image.open(sorted(faces_dir.glob("*.jpg"))[0]).convert("RGB").resize(size)
+    data = io.BytesIO()
+    face.save(data, "JPEG", quality=90)
+    fast = decode_resized(data.getvalue(), crop).astype(np.float64)
+    full = Image.open(data).convert("RGB")
+    reference = np.asarray(full.resize((64, 64), Image.BILINEAR, box=crop_box(*size, crop)), np.float64)
+    assert fast.shape == (64, 64, 3)
+    assert np.abs(fast - reference).mean() < 1.5  # the bound of the test above
