@@ -16,7 +16,6 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from model import VariationalAutoEncoder, VAELoss, vae_loss
+from model.step import TrainStep
 from pipeline import CROPS, LOADERS, DataError, build_loader
 
 # ----------------------------------------------------------------------------- config
@@ -91,9 +91,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     master = rank == 0
     amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     use_compile = device.type == "cuda" if args.compile is None else args.compile
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -114,22 +112,13 @@ def main(argv=None):
     preview = next(iter(val_loader))[:16]  # the same faces every epoch, so reconstructions compare
 
     # ------------------------------------------------------------------------- model
-    raw_model = VariationalAutoEncoder(z_dim=args.z_dim).to(device, memory_format=memory_format)
+    raw_model = VariationalAutoEncoder(z_dim=args.z_dim).to(
+        device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     model = DistributedDataParallel(raw_model) if ddp else raw_model
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=args.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-
-    def to_input(images):
-        return images.to(memory_format=memory_format).float().div_(255)
-
-    def forward_loss(images):
-        x = to_input(images)
-        with autocast:
-            x_hat, mu, logvar = model(x)
-        return vae_loss(x_hat, x, mu, logvar, args.beta)  # fp32, outside autocast
-
-    step_loss = torch.compile(forward_loss) if use_compile else forward_loss
+    train_step = TrainStep(model, optimizer, device, amp=amp, channels_last=args.channels_last,
+                           compile=use_compile, beta=args.beta)
+    to_input, autocast, scaler = train_step.to_input, train_step.autocast, train_step.scaler
 
     start_epoch = 0
     if args.resume:
@@ -164,7 +153,7 @@ def main(argv=None):
         stats = torch.zeros(5, device=device)  # images, loss, bce, kl, neg_elbo (sums over images)
         for images in val_loader:
             x = to_input(images)
-            with autocast:
+            with autocast():
                 x_hat, mu, logvar = raw_model(x)
             out = vae_loss(x_hat, x, mu, logvar, args.beta)
             stats += torch.stack([torch.ones((), device=device), *out]) * len(x)
@@ -176,7 +165,7 @@ def main(argv=None):
     def save_reconstructions(epoch):
         raw_model.eval()
         x = to_input(preview)
-        with autocast:
+        with autocast():
             recon = raw_model.decode(raw_model.encode(x)[0]).float()
         raw_model.train()
         save_image(make_grid(torch.cat([x, recon]), nrow=len(x)), out_dir / f"reconstructions_epoch{epoch}.png")
@@ -201,12 +190,7 @@ def main(argv=None):
                        dynamic_ncols=True)
             started = time.perf_counter()
             for step, images in enumerate(train_loader):
-                out = step_loss(images)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                stats += torch.stack(out).detach()
+                stats += torch.stack(train_step(images))
                 bar.update()
                 if (step + 1) % log_every == 0 or step + 1 == len(train_loader):
                     mean = (stats / (step + 1)).tolist()

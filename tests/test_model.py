@@ -82,3 +82,19 @@ def test_loss_runs_in_fp32_under_autocast():
 
 def test_bits_per_dim():
     assert VAELoss.bits_per_dim(3 * 64 * 64 * math.log(2)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("amp, channels_last", [("off", False), ("off", True), ("bf16", True)])
+def test_train_step_updates_the_weights_and_returns_detached_stats(amp, channels_last):
+    from model.step import TrainStep
+    torch.manual_seed(0)
+    model = VariationalAutoEncoder()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    step = TrainStep(model, optimizer, "cpu", amp=amp, channels_last=channels_last)
+    before = [p.detach().clone() for p in model.parameters()]
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    out = step(images)
+    assert all(not t.requires_grad and t.dtype == torch.float32 and torch.isfinite(t) for t in out)
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="amp must be one of"):
+        TrainStep(model, optimizer, "cpu", amp="fp8")

@@ -1,0 +1,47 @@
+"""One optimisation step, shared by train.py and benchmarks/throughput.py so both run the same work.
+
+    step = TrainStep(model, optimizer, device, amp="bf16", channels_last=True, compile=True)
+    stats = step(images)  # uint8 (B, 3, 64, 64) batch -> VAELoss of detached tensors, no host sync
+"""
+
+from contextlib import nullcontext
+
+import torch
+
+from model.loss import BETA, VAELoss, vae_loss
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+class TrainStep:
+    def __init__(self, model, optimizer, device, *, amp: str = "off", channels_last: bool = True,
+                 compile: bool = False, compile_mode: str | None = None, beta: float = BETA):
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, not {amp!r}")
+        device = torch.device(device)
+        self.model, self.optimizer, self.beta = model, optimizer, beta
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        dtype = AMP_DTYPES[amp]
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+        # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 has fp32's range.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        # The forward and the loss are compiled together; backward follows through AOTAutograd.
+        self.forward_loss = torch.compile(self._forward_loss, mode=compile_mode) if compile else self._forward_loss
+
+    def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batch -> float in [0, 1], converted on the device at the last moment (4x less to move)."""
+        return images.to(memory_format=self.memory_format).float().div_(255)
+
+    def _forward_loss(self, images: torch.Tensor) -> VAELoss:
+        x = self.to_input(images)
+        with self.autocast():
+            x_hat, mu, logvar = self.model(x)
+        return vae_loss(x_hat, x, mu, logvar, self.beta)  # fp32, outside autocast
+
+    def __call__(self, images: torch.Tensor) -> VAELoss:
+        out = self.forward_loss(images)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return VAELoss(*(t.detach() for t in out))
