@@ -13,6 +13,11 @@ from model.loss import BETA, VAELoss, vae_loss
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
+def to_float(images: torch.Tensor, memory_format=torch.channels_last) -> torch.Tensor:
+    """uint8 batch -> float in [0, 1], converted on the device at the last moment (4x less to move)."""
+    return images.to(memory_format=memory_format).float().div_(255)
+
+
 class TrainStep:
     def __init__(self, model, optimizer, device, *, amp: str = "off", channels_last: bool = True,
                  compile: bool = False, compile_mode: str | None = None, beta: float = BETA):
@@ -29,8 +34,7 @@ class TrainStep:
         self.forward_loss = torch.compile(self._forward_loss, mode=compile_mode) if compile else self._forward_loss
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 batch -> float in [0, 1], converted on the device at the last moment (4x less to move)."""
-        return images.to(memory_format=self.memory_format).float().div_(255)
+        return to_float(images, self.memory_format)
 
     def _forward_loss(self, images: torch.Tensor) -> VAELoss:
         x = self.to_input(images)

@@ -3,20 +3,27 @@
 Each worker owns a contiguous, batch-aligned run of this rank's samples, so an epoch yields every
 sample exactly once whatever the worker count, and only the last worker can end on a short batch.
 
-On CPU the workers decode with PIL's `draft` mode, which lets libjpeg scale by 1/2, 1/4 or 1/8 in
-the DCT domain before the pixels are produced, then resize in uint8: about twice as fast as a
-full-size decode. On CUDA the workers only read bytes; whole batches are decoded by nvJPEG
-(`torchvision.io.decode_jpeg(device="cuda")`) and cropped and resized on the GPU.
+On CPU the workers decode with libjpeg-turbo through simplejpeg, at the smallest DCT-domain scale
+(1/8 ... 8/8) at which the crop still falls on whole pixels and spans 64 px or more: half size for
+the seed's whole-frame squash of 178x218 frames, full size for CelebA's 148x148 crop, whose odd
+offsets (15, 35) would otherwise move half a pixel. The crops of a batch are then resized together
+by one antialiased uint8 `interpolate`, the kernel the GPU path uses too. On CUDA the workers only
+read bytes; whole batches are decoded by nvJPEG (`torchvision.io.decode_jpeg(device="cuda")`) and
+cropped and resized on the GPU.
 """
 
+import functools
 import io
 import math
 import random
 import tarfile
+from fractions import Fraction
 from itertools import islice
 
 import numpy as np
+import simplejpeg
 import torch
+import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -25,22 +32,52 @@ from pipeline.geometry import IMAGE_SIZE, crop_box
 from pipeline.shards import DataError, epoch_order, rank_samples, split_shards, take
 
 SHUFFLE_BUFFER = 2000  # samples per worker; shards are already shuffled at write time
+SHUFFLE_START = 256  # the buffer yields from this size on and grows to SHUFFLE_BUFFER: epochs start sooner
+DCT_SCALES = [Fraction(m, 8) for m in range(1, 9)]  # the downscalings libjpeg-turbo decodes directly
+
+
+@functools.lru_cache(maxsize=256)  # one entry per frame size: CelebA has one
+def decode_plan(width: int, height: int, crop: str) -> tuple[int, int, tuple[int, int, int, int]]:
+    """(decoded width, height, crop box in decoded pixels) at the smallest DCT scale at which the crop
+    falls on whole pixels and keeps both sides >= 64 px."""
+    box = crop_box(width, height, crop)
+    side = min(box[2] - box[0], box[3] - box[1])
+    for scale in DCT_SCALES:
+        if all((c * scale).denominator == 1 for c in box) and side * scale >= IMAGE_SIZE:
+            break
+    else:
+        scale = Fraction(1)
+    return int(width * scale), int(height * scale), tuple(int(c * scale) for c in box)
+
+
+def decode_crop(jpeg: bytes, crop: str) -> np.ndarray:
+    """JPEG bytes -> the crop region as (h, w, 3) uint8, decoded no larger than it needs to be."""
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
+        scaled_width, scaled_height, box = decode_plan(width, height, crop)
+        image = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", min_width=scaled_width, min_height=scaled_height)
+        if image.shape[:2] != (scaled_height, scaled_width):  # not the scale asked for: start again whole
+            image, box = simplejpeg.decode_jpeg(jpeg, colorspace="RGB"), crop_box(width, height, crop)
+    except ValueError:  # not a JPEG simplejpeg reads (CMYK, a PNG named .jpg): PIL reads the rest
+        image = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        box = crop_box(image.shape[1], image.shape[0], crop)
+    left, top, right, bottom = box
+    return image[top:bottom, left:right]
+
+
+def resize_batch(crops: list[np.ndarray]) -> torch.Tensor:
+    """Crops -> (B, 64, 64, 3) uint8, antialiased bilinear; one call when they share a size (CelebA)."""
+    def resize(x):  # NHWC memory as channels_last NCHW: the uint8 fast path of interpolate
+        return F.interpolate(x.permute(0, 3, 1, 2), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
+                             antialias=True).permute(0, 2, 3, 1)
+    if len({c.shape for c in crops}) == 1:
+        return resize(torch.from_numpy(np.stack(crops))).contiguous()
+    return torch.cat([resize(torch.from_numpy(np.ascontiguousarray(c))[None]) for c in crops]).contiguous()
 
 
 def decode_resized(jpeg: bytes, crop: str = "center") -> np.ndarray:
-    """JPEG bytes -> (64, 64, 3) uint8, decoding at the smallest DCT scale that keeps the crop >= 64 px."""
-    im = Image.open(io.BytesIO(jpeg))
-    width, height = im.size
-    box = crop_box(width, height, crop)
-    need = (math.ceil(width * IMAGE_SIZE / (box[2] - box[0])), math.ceil(height * IMAGE_SIZE / (box[3] - box[1])))
-    im.draft("RGB", need)
-    # libjpeg scales by exactly 1/2, 1/4 or 1/8 and rounds odd sides up, so the factor is a power of two.
-    scale = 1 / round(width / im.size[0])
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    # PIL's bilinear filter widens its support when shrinking, so this resize is antialiased.
-    im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR, box=tuple(c * scale for c in box))
-    return np.asarray(im)
+    """One JPEG -> (64, 64, 3) uint8, as the workers make them."""
+    return resize_batch([decode_crop(jpeg, crop)])[0].numpy()
 
 
 def read_spans(spans):
@@ -80,7 +117,7 @@ class ShardStream(IterableDataset):
         samples = read_spans(take(order, lo, hi))
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
         if self.train:
-            samples = wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, rng=rng)(samples)
+            samples = wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_START, rng=rng)(samples)
         while batch := list(islice(samples, self.batch_size)):
             flips = [self.flip and rng.random() < 0.5 for _ in batch]
             out = self.decode_batch(batch, flips) if self.decode else self.pack_bytes(batch, flips)
@@ -89,14 +126,16 @@ class ShardStream(IterableDataset):
             yield out
 
     def decode_batch(self, batch, flips):
-        images = np.empty((len(batch), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-        for i, (sample, flip) in enumerate(zip(batch, flips)):
+        crops = []
+        for sample in batch:
             try:
-                image = decode_resized(sample["jpg"], self.crop)
+                crops.append(decode_crop(sample["jpg"], self.crop))
             except (OSError, ValueError, KeyError) as exn:
                 raise DataError(f"sample {sample['__key__']} in {sample['__url__']} does not decode ({exn})") from exn
-            images[i] = image[:, ::-1] if flip else image
-        return {"images": torch.from_numpy(images)}
+        images = resize_batch(crops)  # (B, 64, 64, 3)
+        flipped = [i for i, flip in enumerate(flips) if flip]
+        images[flipped] = images[flipped].flip(2)
+        return {"images": images}
 
     @staticmethod
     def pack_bytes(batch, flips):

@@ -1,0 +1,439 @@
+"""How fast each part runs, beside the seed project's naive loop, on the same images in one run.
+
+    python benchmarks/throughput.py                   # synthetic faces, everything this machine can run
+    python benchmarks/throughput.py --quick           # the short form (CPU: under 3 minutes on 2 cores)
+    python benchmarks/throughput.py --images dataset/celeba/img_align_celeba --json results.json
+
+1. loaders: images/s delivered to the training device as float (B, 3, 64, 64) batches ready for the
+   model. `seed` is the seed project's data path: a Dataset over sorted(os.listdir(folder)), PIL
+   open + convert("RGB"), Resize((64, 64)), ToTensor(), a shuffling DataLoader with workers and
+   pin_memory, reading the JPEG folder. `torch` and `dali` are pipeline/'s loaders over shards that
+   prep/shard.py makes from the same JPEGs (on CUDA, `torch-cpu-decode` is the torch loader with its
+   GPU decode turned off).
+2. train_step: the project's training step (model/step.py) on batches already on the device, for
+   each mode that applies here; `seed` is the seed's step (eager fp32, F.binary_cross_entropy, a
+   loss.item() per step as its loop does); `default` is what train.py picks on this device.
+3. end_to_end: each loader feeding train.py's default step, as images/s and as a fraction of that
+   step's ceiling (how much the loader holds training back); `seed` is the seed's loader feeding
+   the seed's step. From it, the wall time of 40 epochs over CelebA's 162,770 training images.
+
+Every figure is the median of --repeats timed windows after a warm-up that is not timed, with CUDA
+synchronised before each clock read. Epochs are chained, so windows include epoch starts as
+training does.
+"""
+
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torchvision import transforms  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from model import CLAMP_EPS, VariationalAutoEncoder  # noqa: E402
+from model.step import TrainStep, to_float  # noqa: E402
+from pipeline import build_loader  # noqa: E402
+
+CELEBA_TRAIN = 162_770
+EPOCHS = 40
+LOADER_NAMES = ("seed", "torch", "torch-cpu-decode", "dali")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=Path, default=None,
+                   help="a folder laid out like img_align_celeba (default: make synthetic faces in a temporary folder)")
+    p.add_argument("--limit", type=int, default=10_000,
+                   help="with --images: use the first N files, 0 for all (default: 10000)")
+    p.add_argument("--synthetic", type=int, default=None, metavar="N",
+                   help="synthetic faces to make without --images (default: 10000, 3000 with --quick)")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default: auto, CUDA when present)")
+    p.add_argument("-b", "--batch-size", type=int, default=128, help="images per batch (default: 128, the seed's)")
+    p.add_argument("-j", "--workers", type=int, default=os.cpu_count(),
+                   help="loader processes (seed, torch) or threads (dali), the same for all (default: CPU cores)")
+    p.add_argument("--loaders", default=",".join(LOADER_NAMES),
+                   help=f"comma-separated loaders to run (default: all of {','.join(LOADER_NAMES)})")
+    p.add_argument("--crop", choices=("center", "none"), default="center",
+                   help="the project loaders' geometry (default: center, train.py's); the seed always squashes")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer and shorter windows, no compile or CPU bf16 rows (CPU: under 3 minutes on 2 cores)")
+    p.add_argument("--repeats", type=int, default=None, help="timed windows per row (default: 5, 3 with --quick)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per timed window (default: CUDA 50, CPU 8, CPU --quick 4)")
+    p.add_argument("--loader-batches", type=int, default=None,
+                   help="batches per timed loader window (default: 25, 10 with --quick)")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here as JSON")
+    args = p.parse_args(argv)
+    args.loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
+    unknown = sorted(set(args.loaders) - set(LOADER_NAMES))
+    if unknown:
+        p.error(f"--loaders: unknown {', '.join(unknown)}; choose from {', '.join(LOADER_NAMES)}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available on this machine")
+    cuda = args.device.type == "cuda"
+    if args.synthetic is None:
+        args.synthetic = 3000 if args.quick else 10_000
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
+    if args.steps is None:
+        args.steps = 50 if cuda else (4 if args.quick else 8)
+    if args.loader_batches is None:
+        args.loader_batches = 10 if args.quick else 25
+    if min(args.batch_size, args.repeats, args.steps, args.loader_batches, args.synthetic) < 1 or args.workers < 0:
+        p.error("sizes and counts must be positive")
+    return args
+
+
+# ----------------------------------------------------------------------------- the seed's data path and step
+class SeedFaces(Dataset):
+    """The seed project's Dataset: every file of the folder, decoded whole by PIL, squashed to 64x64."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.files = sorted(os.listdir(folder))
+        self.transform = transforms.Compose([transforms.Resize((64, 64)), transforms.ToTensor()])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return self.transform(Image.open(os.path.join(self.folder, self.files[i])).convert("RGB"))
+
+
+def seed_loader(folder, args):
+    return DataLoader(SeedFaces(folder), batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                      pin_memory=args.device.type == "cuda")
+
+
+def seed_step(device, beta=1e-3):
+    """The seed's training step: eager fp32, NCHW, the clamped BCE of its README, a host sync per step."""
+    model = VariationalAutoEncoder().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    total = [0.0]
+
+    def step(x):
+        x = x.to(device, non_blocking=True)
+        x_hat, mu, logvar = model(x)
+        bce = F.binary_cross_entropy(x_hat.clamp(CLAMP_EPS, 1 - CLAMP_EPS), x.clamp(CLAMP_EPS, 1 - CLAMP_EPS))
+        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(x)
+        loss = bce + beta * kl
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total[0] += loss.item()
+        return len(x)
+    return step
+
+
+# ----------------------------------------------------------------------------- timing
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(stream, work, *, warmup, steps, repeats, device) -> dict:
+    """Median images/s and ms/step of `repeats` windows of `steps` items, after `warmup` untimed ones."""
+    started = time.perf_counter()
+    for _ in range(warmup):
+        work(next(stream))
+    sync(device)
+    warmup_s = time.perf_counter() - started
+    rates, step_ms = [], []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        images = sum(work(next(stream)) for _ in range(steps))
+        sync(device)
+        seconds = time.perf_counter() - t0
+        rates.append(images / seconds)
+        step_ms.append(1000 * seconds / steps)
+    return {"img_per_s": statistics.median(rates), "ms_per_step": statistics.median(step_ms),
+            "runs_img_per_s": [round(r, 1) for r in rates], "warmup_s": round(warmup_s, 2)}
+
+
+def forever(loader):
+    """Epoch after epoch, as training reads them."""
+    for epoch in itertools.count():
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+
+
+# ----------------------------------------------------------------------------- data
+def prepare_images(args, tmp: Path):
+    """(JPEG folder, shard folder, description): the same images for every loader."""
+    from prep import shard
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    if args.images is None:
+        from prep.synthetic import write_synthetic
+        folder = tmp / "img_align_celeba"
+        write_synthetic(folder, args.synthetic, seed=0, workers=os.cpu_count(), progress=True)
+        source = f"{args.synthetic} synthetic faces (prep/synthetic.py, seed 0)"
+    else:
+        if not args.images.is_dir():
+            sys.exit(f"error: --images {args.images} is not a folder")
+        files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+        if args.limit:
+            files = files[:args.limit]
+        if not files:
+            sys.exit(f"error: --images {args.images} holds no .jpg files")
+        folder = tmp / "img_align_celeba"  # links, so the seed reads exactly the files that are sharded
+        folder.mkdir()
+        for f in files:
+            (folder / f.name).symlink_to(f.resolve())
+        source = f"{len(files)} JPEGs from {args.images}"
+    with quiet:
+        rc = shard.main(["--data-path", str(folder), "--output-dir", str(tmp / "shards"), "--quiet"])
+    if rc:
+        sys.exit("error: prep/shard.py failed on the benchmark images")
+    return folder, tmp / "shards", source
+
+
+def loader_skip_reason(name, args):
+    if name not in args.loaders:
+        return "not in --loaders"
+    cuda = args.device.type == "cuda"
+    if name == "torch-cpu-decode" and not cuda:
+        return "the torch loader always decodes on the CPU without CUDA: that is the `torch` row"
+    if name == "dali":
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            return "NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)"
+    return None
+
+
+def make_loader(name, folder, shards, args):
+    if name == "seed":
+        return seed_loader(folder, args)
+    options = {"gpu_decode": False} if name == "torch-cpu-decode" else {}
+    return build_loader("dali" if name == "dali" else "torch", shards, "train", args.batch_size, args.device,
+                        workers=args.workers, crop=args.crop, **options)
+
+
+# ----------------------------------------------------------------------------- training modes
+def modes_for(args):
+    """mode -> TrainStep settings, or a string saying why the mode is skipped here."""
+    cuda = args.device.type == "cuda"
+    default_amp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "off"
+    modes = {
+        "fp32": dict(amp="off", channels_last=False),
+        "channels_last": dict(amp="off", channels_last=True),
+        "bf16": dict(amp="bf16", channels_last=True),
+        "fp16": dict(amp="fp16", channels_last=True),
+        "compile": dict(amp=default_amp, channels_last=True, compile=True),
+        "compile-cudagraphs": dict(amp=default_amp, channels_last=True, compile=True, compile_mode="reduce-overhead"),
+        "default": dict(amp=default_amp, channels_last=True, compile=cuda),  # train.py's choices
+    }
+    if not cuda:
+        if args.quick:
+            modes["bf16"] = "--quick skips it: bf16 autocast on a CPU without bf16 units takes seconds per step"
+            modes["compile"] = "--quick skips it: about 20 s of compiling on a CPU"
+        modes["fp16"] = "fp16 with a GradScaler is a CUDA mode"
+        modes["compile-cudagraphs"] = "CUDA graphs need CUDA"
+    elif not torch.cuda.is_bf16_supported():
+        modes["bf16"] = "this GPU has no bf16"
+    return modes
+
+
+def same_settings(modes, mode):
+    """An earlier mode with the very same settings: measured once, reported under both names."""
+    def full(settings):
+        return {"compile": False, "compile_mode": None, **settings}
+    for other, settings in modes.items():
+        if other == mode:
+            return None
+        if isinstance(settings, dict) and full(settings) == full(modes[mode]):
+            return other
+    return None
+
+
+def project_step(settings, device):
+    if settings.get("compile"):
+        torch._dynamo.reset()  # each mode compiles afresh, not against another mode's cache
+    model = VariationalAutoEncoder().to(
+        device, memory_format=torch.channels_last if settings["channels_last"] else torch.contiguous_format)
+    step = TrainStep(model, torch.optim.Adam(model.parameters(), lr=3e-4), device, **settings)
+
+    def work(images):
+        step(images)
+        return len(images)
+    return work
+
+
+# ----------------------------------------------------------------------------- report
+def fmt_rate(row):
+    return f"{row['img_per_s']:>9,.0f}" if "img_per_s" in row else f"{'-':>9}"
+
+
+def fmt_duration(seconds):
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def report(results):
+    env, lines = results["env"], []
+    lines.append(f"{env['device_name']} | batch {env['batch_size']} | workers {env['workers']} | {env['images']}")
+    lines.append("")
+    lines.append(f"{'loader (float batches on the device)':<40}{'img/s':>9}  {'vs seed':>8}")
+    for name, row in results["loaders"].items():
+        extra = f"{row['vs_seed']:>7.2f}x" if "vs_seed" in row else f"{'':>8}"
+        lines.append(f"  {name:<38}{fmt_rate(row)}  {extra}" + (f"  skipped: {row['skipped']}" if "skipped" in row else ""))
+    lines.append("")
+    lines.append(f"{'training step (batches in memory)':<40}{'img/s':>9}  {'ms/step':>8}")
+    for mode, row in results["train_step"].items():
+        ms = f"{row['ms_per_step']:>8.1f}" if "ms_per_step" in row else f"{'':>8}"
+        note = f"  skipped: {row['skipped']}" if "skipped" in row else (f"  (= {row['same_as']})" if "same_as" in row else "")
+        lines.append(f"  {mode:<38}{fmt_rate(row)}  {ms}{note}")
+    lines.append("")
+    lines.append(f"{'end to end (loader -> step)':<40}{'img/s':>9}  {'vs seed':>8}  {'of ceiling':>10}  "
+                 f"{EPOCHS} epochs of CelebA")
+    for name, row in results["end_to_end"].items():
+        if "skipped" in row:
+            lines.append(f"  {name:<38}{fmt_rate(row)}  skipped: {row['skipped']}")
+            continue
+        vs = f"{row['vs_seed']:>7.2f}x" if "vs_seed" in row else f"{'':>8}"
+        lines.append(f"  {name + ' (' + row['mode'] + ')':<38}{fmt_rate(row)}  {vs}  "
+                     f"{row['fraction_of_ceiling']:>10.0%}  {fmt_duration(row['projected_40_epochs_s'])}")
+    return "\n".join(lines)
+
+
+def environment(args, source, num_images):
+    try:
+        import nvidia.dali
+        dali = nvidia.dali.__version__
+    except ImportError:
+        dali = None
+    import webdataset
+    import PIL
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
+    cuda = args.device.type == "cuda"
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "dali": dali, "webdataset": webdataset.__version__,
+        "pillow": PIL.__version__, "device": str(args.device),
+        "device_name": torch.cuda.get_device_name(args.device) if cuda else f"CPU ({cpu}, {os.cpu_count()} cores)",
+        "cuda": torch.version.cuda if cuda else None, "torch_threads": torch.get_num_threads(),
+        "batch_size": args.batch_size, "workers": args.workers, "crop": args.crop, "images": source,
+        "num_images": num_images, "quick": args.quick, "repeats": args.repeats, "steps": args.steps,
+        "loader_batches": args.loader_batches,
+    }
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    with tempfile.TemporaryDirectory(prefix="vae-bench-") as tmp:
+        folder, shards, source = prepare_images(args, Path(tmp))
+        num_images = len(os.listdir(folder))
+        results = {"env": environment(args, source, num_images), "loaders": {}, "train_step": {}, "end_to_end": {}}
+        modes = modes_for(args)
+        skips = {name: loader_skip_reason(name, args) for name in LOADER_NAMES}
+        runnable = [name for name in LOADER_NAMES if skips[name] is None]
+        todo = len(runnable) * 2 + 1 + sum(isinstance(m, dict) for m in modes.values())
+        bar = tqdm(total=todo, desc="benchmark", unit="row", file=sys.stderr, dynamic_ncols=True)
+
+        def run_row(label, fn):
+            bar.set_postfix_str(label)
+            try:
+                return fn()
+            finally:
+                bar.update()
+
+        # 1. loaders
+        for name in LOADER_NAMES:
+            if skips[name]:
+                results["loaders"][name] = {"skipped": skips[name]}
+                continue
+            loader = make_loader(name, folder, shards, args)
+            def ready(images, seed=name == "seed"):
+                # The seed's batches are float already; the project's become float on the device.
+                images.to(device, non_blocking=True) if seed else to_float(images)
+                return len(images)
+            stream = forever(loader)
+            results["loaders"][name] = run_row(f"loader {name}", lambda: timed(
+                stream, ready, warmup=5, steps=args.loader_batches, repeats=args.repeats, device=device))
+            stream.close()
+        if "img_per_s" in results["loaders"].get("seed", {}):
+            for row in results["loaders"].values():
+                if "img_per_s" in row:
+                    row["vs_seed"] = row["img_per_s"] / results["loaders"]["seed"]["img_per_s"]
+
+        # 2. training step on batches in memory: real faces, a few distinct batches cycled
+        source_loader = build_loader("torch", shards, "train", args.batch_size, device, workers=0, crop=args.crop)
+        batches = list(itertools.islice(forever(source_loader), 4))
+        warmup = 2 if device.type == "cpu" else 10
+        results["train_step"]["seed"] = run_row("step seed", lambda: timed(
+            itertools.cycle([b.float().div(255).contiguous() for b in batches]), seed_step(device),
+            warmup=warmup, steps=args.steps, repeats=args.repeats, device=device))
+        for mode, settings in modes.items():
+            if isinstance(settings, str):
+                results["train_step"][mode] = {"skipped": settings}
+                continue
+            twin = same_settings(modes, mode)
+            if twin:
+                results["train_step"][mode] = {**results["train_step"][twin], "same_as": twin}
+                bar.update()
+                continue
+            slow = device.type == "cpu" and settings["amp"] != "off"  # seconds per step: fewer, still a median
+            row = run_row(f"step {mode}", lambda: timed(
+                itertools.cycle(batches), project_step(settings, device), warmup=1 if slow else warmup,
+                steps=1 if slow else args.steps, repeats=3 if slow else args.repeats, device=device))
+            results["train_step"][mode] = {**row, "settings": settings}
+
+        # 3. end to end: each loader feeding the default step (the seed's loader feeding the seed's step)
+        for name in LOADER_NAMES:
+            if skips[name]:
+                results["end_to_end"][name] = {"skipped": skips[name]}
+                continue
+            mode = "seed" if name == "seed" else "default"
+            work = seed_step(device) if name == "seed" else project_step(modes["default"], device)
+            stream = forever(make_loader(name, folder, shards, args))
+            row = run_row(f"end to end {name}", lambda: timed(
+                stream, work, warmup=warmup + 1, steps=args.steps, repeats=args.repeats, device=device))
+            stream.close()
+            row["mode"] = mode
+            row["fraction_of_ceiling"] = row["img_per_s"] / results["train_step"][mode]["img_per_s"]
+            row["projected_40_epochs_s"] = EPOCHS * CELEBA_TRAIN / row["img_per_s"]
+            results["end_to_end"][name] = row
+        bar.close()
+        seed_e2e = results["end_to_end"].get("seed", {}).get("img_per_s")
+        if seed_e2e:
+            for row in results["end_to_end"].values():
+                if "img_per_s" in row:
+                    row["vs_seed"] = row["img_per_s"] / seed_e2e
+
+    print(report(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
