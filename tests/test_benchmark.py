@@ -1,0 +1,57 @@
+"""benchmarks/throughput.py in its quickest form: every row is there, measured or skipped with a reason.
+
+No test asserts a speed: timings on a shared 2-core machine say nothing about the code.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_reports_every_row(tmp_path):
+    out = tmp_path / "results.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/throughput.py", "--quick", "--synthetic", "400", "--batch-size", "16",
+         "--workers", "1", "--steps", "1", "--repeats", "2", "--loader-batches", "2", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    env = results["env"]
+    assert env["device"] == "cpu" and env["batch_size"] == 16 and env["num_images"] == 400
+    assert env["torch"] and env["dali"] and env["cores"] >= 1
+
+    def check(section, names):
+        assert list(results[section]) == names
+        for name, row in results[section].items():
+            if "skipped" in row:
+                assert isinstance(row["skipped"], str) and row["skipped"], f"{section}/{name} skipped without a reason"
+            else:
+                assert row["img_per_s"] > 0, f"{section}/{name}"
+                assert len(row.get("runs_img_per_s", [0, 0])) == 2
+        return {name for name, row in results[section].items() if "skipped" not in row}
+
+    assert check("loaders", ["seed", "torch", "torch-cpu-decode", "dali"]) == {"seed", "torch", "dali"}
+    measured = check("train_step", ["seed", "fp32", "channels_last", "bf16", "fp16", "compile",
+                                    "compile-cudagraphs", "default"])
+    assert measured == {"seed", "fp32", "channels_last", "default"}
+    assert results["train_step"]["default"]["same_as"] == "channels_last"
+    assert all(results["train_step"][m]["ms_per_step"] > 0 for m in measured)
+    assert check("end_to_end", ["seed", "torch", "torch-cpu-decode", "dali"]) == {"seed", "torch", "dali"}
+    for name in ("seed", "torch", "dali"):
+        row = results["end_to_end"][name]
+        assert row["fraction_of_ceiling"] > 0 and row["projected_40_epochs_s"] > 0
+        assert row["mode"] == ("seed" if name == "seed" else "default")
+    assert results["loaders"]["seed"]["vs_seed"] == 1.0
+    # the table on stdout carries the same rows
+    for name in ("seed", "torch", "dali", "channels_last", "compile-cudagraphs"):
+        assert name in result.stdout
+    assert "skipped: " in result.stdout
+
+
+def test_unknown_loader_is_refused():
+    result = subprocess.run([sys.executable, "benchmarks/throughput.py", "--loaders", "seed,tensorflow"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown tensorflow" in result.stderr
