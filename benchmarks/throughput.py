@@ -149,13 +149,18 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+WINDOW_S = 10  # a timed window longer than this gets fewer steps (CPU bf16 without bf16 units, say)
+
+
 def timed(stream, work, *, warmup, steps, repeats, device) -> dict:
     """Median images/s and ms/step of `repeats` windows of `steps` items, after `warmup` untimed ones."""
     started = time.perf_counter()
     for _ in range(warmup):
+        last = time.perf_counter()
         work(next(stream))
-    sync(device)
+        sync(device)
     warmup_s = time.perf_counter() - started
+    steps = max(1, min(steps, int(WINDOW_S / (time.perf_counter() - last))))
     rates, step_ms = [], []
     for _ in range(repeats):
         sync(device)
@@ -166,7 +171,7 @@ def timed(stream, work, *, warmup, steps, repeats, device) -> dict:
         rates.append(images / seconds)
         step_ms.append(1000 * seconds / steps)
     return {"img_per_s": statistics.median(rates), "ms_per_step": statistics.median(step_ms),
-            "runs_img_per_s": [round(r, 1) for r in rates], "warmup_s": round(warmup_s, 2)}
+            "runs_img_per_s": [round(r, 1) for r in rates], "steps": steps, "warmup_s": round(warmup_s, 2)}
 
 
 def forever(loader):
@@ -245,7 +250,6 @@ def modes_for(args):
     }
     if not cuda:
         if args.quick:
-            modes["bf16"] = "--quick skips it: bf16 autocast on a CPU without bf16 units takes seconds per step"
             modes["compile"] = "--quick skips it: about 20 s of compiling on a CPU"
         modes["fp16"] = "fp16 with a GradScaler is a CUDA mode"
         modes["compile-cudagraphs"] = "CUDA graphs need CUDA"
@@ -399,10 +403,9 @@ def main(argv=None):
                 results["train_step"][mode] = {**results["train_step"][twin], "same_as": twin}
                 bar.update()
                 continue
-            slow = device.type == "cpu" and settings["amp"] != "off"  # seconds per step: fewer, still a median
             row = run_row(f"step {mode}", lambda: timed(
-                itertools.cycle(batches), project_step(settings, device), warmup=1 if slow else warmup,
-                steps=1 if slow else args.steps, repeats=3 if slow else args.repeats, device=device))
+                itertools.cycle(batches), project_step(settings, device), warmup=warmup, steps=args.steps,
+                repeats=args.repeats, device=device))
             results["train_step"][mode] = {**row, "settings": settings}
 
         # 3. end to end: each loader feeding the default step (the seed's loader feeding the seed's step)

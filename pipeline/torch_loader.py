@@ -15,6 +15,8 @@ cropped and resized on the GPU.
 import functools
 import io
 import math
+import os
+import multiprocessing
 import random
 import tarfile
 from fractions import Fraction
@@ -95,7 +97,9 @@ class ShardStream(IterableDataset):
         self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
         self.train, self.flip, self.crop, self.seed = train, flip, crop, seed
         self.decode, self.with_keys = decode, with_keys
-        self.epoch = 0
+        # Shared memory: workers persist across epochs with their own copy of this object, so a plain
+        # attribute set in the main process would never reach them.
+        self._epoch = multiprocessing.Value("q", 0, lock=False)
         total = sum(s.num_samples for s in shards)
         self.start, self.stop = rank_samples(total, rank, world_size, train)
 
@@ -113,9 +117,10 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         lo, hi = self.worker_range(worker, workers)
-        order = epoch_order(self.shards, self.epoch, self.seed, shuffle=self.train)
+        epoch = self._epoch.value
+        order = epoch_order(self.shards, epoch, self.seed, shuffle=self.train)
         samples = read_spans(take(order, lo, hi))
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
         if self.train:
             samples = wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_START, rng=rng)(samples)
         while batch := list(islice(samples, self.batch_size)):
@@ -164,6 +169,13 @@ def gpu_decode(data, lengths, flips, crop, device) -> torch.Tensor:
     return torch.where(flips, out.flip(-1), out)
 
 
+def lower_priority(worker_id: int) -> None:
+    """Training on the CPU: the model's threads keep their cores, and workers fill the prefetch queue in
+    the gaps. At equal priority each worker's time slice stalls every training thread at the next
+    barrier (measured on 2 cores: ~88% of the in-memory step rate end to end, ~95% with this)."""
+    os.nice(19)
+
+
 class TorchLoader:
     """Yields (B, 3, 64, 64) uint8 batches on `device`, channels_last (with keys when asked)."""
 
@@ -178,13 +190,19 @@ class TorchLoader:
         self.num_samples = n - n % batch_size if train else n
         self.loader = DataLoader(self.dataset, batch_size=None, num_workers=workers,
                                  pin_memory=self.device.type == "cuda" and not self.gpu_decode,
-                                 prefetch_factor=4 if workers else None)
+                                 prefetch_factor=4 if workers else None,
+                                 # Workers outlive epochs: no teardown and fork at every epoch start.
+                                 persistent_workers=workers > 0,
+                                 # Its own generator: drawing worker seeds from the global one would make
+                                 # the model's noise depend on when workers start (and so break resuming).
+                                 generator=torch.Generator().manual_seed(seed),
+                                 worker_init_fn=lower_priority if self.device.type == "cpu" else None)
 
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        self.dataset.epoch = epoch
+        self.dataset._epoch.value = epoch
 
     def __iter__(self):
         for item in self.loader:

@@ -36,7 +36,7 @@ def test_quick_benchmark_reports_every_row(tmp_path):
     assert check("loaders", ["seed", "torch", "torch-cpu-decode", "dali"]) == {"seed", "torch", "dali"}
     measured = check("train_step", ["seed", "fp32", "channels_last", "bf16", "fp16", "compile",
                                     "compile-cudagraphs", "default"])
-    assert measured == {"seed", "fp32", "channels_last", "default"}
+    assert measured == {"seed", "fp32", "channels_last", "bf16", "default"}
     assert results["train_step"]["default"]["same_as"] == "channels_last"
     assert all(results["train_step"][m]["ms_per_step"] > 0 for m in measured)
     assert check("end_to_end", ["seed", "torch", "torch-cpu-decode", "dali"]) == {"seed", "torch", "dali"}
