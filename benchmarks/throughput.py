@@ -4,8 +4,10 @@
     python benchmarks/throughput.py --quick           # the short form (CPU: under 3 minutes on 2 cores)
     python benchmarks/throughput.py --images dataset/celeba/img_align_celeba --json results.json
 
-1. loaders: images/s delivered to the training device as float (B, 3, 64, 64) batches ready for the
-   model. `seed` is the seed project's data path: a Dataset over sorted(os.listdir(folder)), PIL
+1. loaders: images/s delivered to the training device as (B, 3, 64, 64) batches, each in the form
+   its training step takes: float32 from the seed's ToTensor, uint8 channels_last from the project's
+   loaders (their step converts to float on the device; train_step and end_to_end count that).
+   `seed` is the seed project's data path: a Dataset over sorted(os.listdir(folder)), PIL
    open + convert("RGB"), Resize((64, 64)), ToTensor(), a shuffling DataLoader with workers and
    pin_memory, reading the JPEG folder. `torch` and `dali` are pipeline/'s loaders over shards that
    prep/shard.py makes from the same JPEGs (on CUDA, `torch-cpu-decode` is the torch loader with its
@@ -18,8 +20,8 @@
    the seed's step. From it, the wall time of 40 epochs over CelebA's 162,770 training images.
 
 Every figure is the median of --repeats timed windows after a warm-up that is not timed, with CUDA
-synchronised before each clock read. Epochs are chained, so windows include epoch starts as
-training does.
+synchronised before each clock read. A loader's window is one whole epoch, its start included; the
+training windows are --steps steps.
 """
 
 import argparse
@@ -46,7 +48,7 @@ from torchvision import transforms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from model import CLAMP_EPS, VariationalAutoEncoder  # noqa: E402
-from model.step import TrainStep, to_float  # noqa: E402
+from model.step import TrainStep  # noqa: E402
 from pipeline import build_loader  # noqa: E402
 
 CELEBA_TRAIN = 162_770
@@ -75,8 +77,6 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed windows per row (default: 5, 3 with --quick)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps per timed window (default: CUDA 50, CPU 8, CPU --quick 4)")
-    p.add_argument("--loader-batches", type=int, default=None,
-                   help="batches per timed loader window (default: 25, 10 with --quick)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here as JSON")
     args = p.parse_args(argv)
     args.loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
@@ -95,9 +95,7 @@ def parse_args(argv=None):
         args.repeats = 3 if args.quick else 5
     if args.steps is None:
         args.steps = 50 if cuda else (4 if args.quick else 8)
-    if args.loader_batches is None:
-        args.loader_batches = 10 if args.quick else 25
-    if min(args.batch_size, args.repeats, args.steps, args.loader_batches, args.synthetic) < 1 or args.workers < 0:
+    if min(args.batch_size, args.repeats, args.steps, args.synthetic) < 1 or args.workers < 0:
         p.error("sizes and counts must be positive")
     return args
 
@@ -152,7 +150,7 @@ def sync(device):
 WINDOW_S = 10  # a timed window longer than this gets fewer steps (CPU bf16 without bf16 units, say)
 
 
-def timed(stream, work, *, warmup, steps, repeats, device) -> dict:
+def timed(stream, work, *, warmup, steps, repeats, device, fixed=False) -> dict:
     """Median images/s and ms/step of `repeats` windows of `steps` items, after `warmup` untimed ones."""
     started = time.perf_counter()
     for _ in range(warmup):
@@ -160,7 +158,8 @@ def timed(stream, work, *, warmup, steps, repeats, device) -> dict:
         work(next(stream))
         sync(device)
     warmup_s = time.perf_counter() - started
-    steps = max(1, min(steps, int(WINDOW_S / (time.perf_counter() - last))))
+    if not fixed:
+        steps = max(1, min(steps, int(WINDOW_S / (time.perf_counter() - last))))
     rates, step_ms = [], []
     for _ in range(repeats):
         sync(device)
@@ -296,10 +295,11 @@ def report(results):
     env, lines = results["env"], []
     lines.append(f"{env['device_name']} | batch {env['batch_size']} | workers {env['workers']} | {env['images']}")
     lines.append("")
-    lines.append(f"{'loader (float batches on the device)':<40}{'img/s':>9}  {'vs seed':>8}")
+    lines.append(f"{'loader (batches on the device)':<40}{'img/s':>9}  {'vs seed':>8}")
     for name, row in results["loaders"].items():
         extra = f"{row['vs_seed']:>7.2f}x" if "vs_seed" in row else f"{'':>8}"
-        lines.append(f"  {name:<38}{fmt_rate(row)}  {extra}" + (f"  skipped: {row['skipped']}" if "skipped" in row else ""))
+        note = f"  skipped: {row['skipped']}" if "skipped" in row else f"  {row['dtype']}"
+        lines.append(f"  {name:<38}{fmt_rate(row)}  {extra}{note}")
     lines.append("")
     lines.append(f"{'training step (batches in memory)':<40}{'img/s':>9}  {'ms/step':>8}")
     for mode, row in results["train_step"].items():
@@ -340,7 +340,6 @@ def environment(args, source, num_images):
         "cuda": torch.version.cuda if cuda else None, "torch_threads": torch.get_num_threads(),
         "batch_size": args.batch_size, "workers": args.workers, "crop": args.crop, "images": source,
         "num_images": num_images, "quick": args.quick, "repeats": args.repeats, "steps": args.steps,
-        "loader_batches": args.loader_batches,
     }
 
 
@@ -374,13 +373,15 @@ def main(argv=None):
                 results["loaders"][name] = {"skipped": skips[name]}
                 continue
             loader = make_loader(name, folder, shards, args)
-            def ready(images, seed=name == "seed"):
-                # The seed's batches are float already; the project's become float on the device.
-                images.to(device, non_blocking=True) if seed else to_float(images)
+            def ready(images):
+                images.to(device, non_blocking=True)  # the project's loaders are there already
                 return len(images)
             stream = forever(loader)
+            # Whole epochs, starts included: one untimed, then one per window.
+            epoch = len(loader)
             results["loaders"][name] = run_row(f"loader {name}", lambda: timed(
-                stream, ready, warmup=5, steps=args.loader_batches, repeats=args.repeats, device=device))
+                stream, ready, warmup=epoch, steps=epoch, repeats=args.repeats, device=device, fixed=True))
+            results["loaders"][name]["dtype"] = "float32" if name == "seed" else "uint8"
             stream.close()
         if "img_per_s" in results["loaders"].get("seed", {}):
             for row in results["loaders"].values():
@@ -391,6 +392,7 @@ def main(argv=None):
         source_loader = build_loader("torch", shards, "train", args.batch_size, device, workers=0, crop=args.crop)
         batches = list(itertools.islice(forever(source_loader), 4))
         warmup = 2 if device.type == "cpu" else 10
+        e2e_warmup = 8 if device.type == "cpu" else 20  # until the loader's prefetch queue has filled
         results["train_step"]["seed"] = run_row("step seed", lambda: timed(
             itertools.cycle([b.float().div(255).contiguous() for b in batches]), seed_step(device),
             warmup=warmup, steps=args.steps, repeats=args.repeats, device=device))
@@ -417,7 +419,7 @@ def main(argv=None):
             work = seed_step(device) if name == "seed" else project_step(modes["default"], device)
             stream = forever(make_loader(name, folder, shards, args))
             row = run_row(f"end to end {name}", lambda: timed(
-                stream, work, warmup=warmup + 1, steps=args.steps, repeats=args.repeats, device=device))
+                stream, work, warmup=e2e_warmup, steps=args.steps, repeats=args.repeats, device=device))
             stream.close()
             row["mode"] = mode
             row["fraction_of_ceiling"] = row["img_per_s"] / results["train_step"][mode]["img_per_s"]

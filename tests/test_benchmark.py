@@ -15,7 +15,7 @@ def test_quick_benchmark_reports_every_row(tmp_path):
     out = tmp_path / "results.json"
     result = subprocess.run(
         [sys.executable, "benchmarks/throughput.py", "--quick", "--synthetic", "400", "--batch-size", "16",
-         "--workers", "1", "--steps", "1", "--repeats", "2", "--loader-batches", "2", "--json", str(out)],
+         "--workers", "1", "--steps", "1", "--repeats", "2", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
