@@ -325,8 +325,9 @@ def environment(args, source, num_images):
         dali = nvidia.dali.__version__
     except ImportError:
         dali = None
-    import webdataset
     import PIL
+    import simplejpeg
+    import webdataset
     cpu = platform.processor()
     with contextlib.suppress(OSError):
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
@@ -335,7 +336,7 @@ def environment(args, source, num_images):
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
         "torchvision": torchvision.__version__, "dali": dali, "webdataset": webdataset.__version__,
-        "pillow": PIL.__version__, "device": str(args.device),
+        "pillow": PIL.__version__, "simplejpeg": simplejpeg.__version__, "device": str(args.device),
         "device_name": torch.cuda.get_device_name(args.device) if cuda else f"CPU ({cpu}, {os.cpu_count()} cores)",
         "cuda": torch.version.cuda if cuda else None, "torch_threads": torch.get_num_threads(),
         "batch_size": args.batch_size, "workers": args.workers, "crop": args.crop, "images": source,

@@ -172,7 +172,8 @@ def gpu_decode(data, lengths, flips, crop, device) -> torch.Tensor:
 def lower_priority(worker_id: int) -> None:
     """Training on the CPU: the model's threads keep their cores, and workers fill the prefetch queue in
     the gaps. At equal priority each worker's time slice stalls every training thread at the next
-    barrier (measured on 2 cores: ~88% of the in-memory step rate end to end, ~95% with this)."""
+    barrier: end to end on 2 cores, 88% of the in-memory step rate against 94% with this
+    (benchmarks/RESULTS.md)."""
     os.nice(19)
 
 
