@@ -67,7 +67,7 @@ def by_key(loader):
     return {k: image for images, keys in loader for k, image in zip(keys, images)}
 
 
-@pytest.mark.parametrize("crop, mean_bound, worst_bound", [("center", 1.25, 2.0), ("none", 0.75, 1.1)])
+@pytest.mark.parametrize("crop, mean_bound, worst_bound", [("center", 0.25, 0.35), ("none", 0.75, 1.0)])
 def test_same_images_as_the_torch_loader(shards, crop, mean_bound, worst_bound):
     dali = build_loader("dali", shards, "val", BATCH, "cpu", crop=crop, with_keys=True)
     images, _ = next(iter(dali))
@@ -77,9 +77,9 @@ def test_same_images_as_the_torch_loader(shards, crop, mean_bound, worst_bound):
     reference = by_key(build_loader("torch", shards, "val", BATCH, "cpu", workers=0, crop=crop, with_keys=True))
     assert dali.keys() == reference.keys()
     diffs = np.array([(dali[k].float() - reference[k].float()).abs().mean().item() for k in dali])
-    # Mean absolute difference in 0..255 units, measured on the synthetic faces: centre crop 0.99
-    # on average, 1.53 for the worst image; crop='none' 0.57 and 0.80. Both decode with libjpeg-turbo;
-    # the torch loader decodes at half size (PIL draft) and DALI at full size before the resize.
+    # Mean absolute difference in 0..255 units, measured on the synthetic faces: centre crop 0.14 on
+    # average, 0.18 for the worst image (both decode the whole frame with libjpeg-turbo; the resize
+    # kernels differ slightly); crop='none' 0.53 and 0.69, where the torch loader decodes at half size.
     assert diffs.mean() < mean_bound and diffs.max() < worst_bound
     mirrored = np.mean([(dali[k].float() - reference[k].flip(-1).float()).abs().mean().item() for k in dali])
     assert mirrored > 10 * mean_bound, "the bound must tell a right image from a wrong one"
