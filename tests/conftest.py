@@ -1,5 +1,6 @@
 """Shared fixtures: a small synthetic face set and its shards, made once per test session."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -25,7 +26,29 @@ def faces_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shards(faces_dir) -> Path:
     """Shards of `faces_dir` split by key hash: about 193 train, 23 val, 24 test samples."""
-    out = faces_dir.parent / "shards"
-    assert shard.main(["--data-path", str(faces_dir), "--output-dir", str(out),
-                       "--shard-size", str(SHARD_SIZE), "--workers", "2", "--quiet"]) == 0
+    return make_shards(faces_dir, faces_dir.parent / "shards", SHARD_SIZE)
+
+
+def make_shards(faces_dir: Path, out: Path, shard_size: int) -> Path:
+    assert shard.main(["--data-path", str(faces_dir), "--output-dir", str(out), "--shard-size", str(shard_size),
+                       "--workers", "2", "--quiet"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def small_shards(faces_dir, tmp_path_factory) -> Path:
+    """The same faces in 7-sample shards: many shards, split across workers and ranks mid-shard."""
+    return make_shards(faces_dir, tmp_path_factory.mktemp("shards7"), 7)
+
+
+@pytest.fixture(scope="session")
+def one_shard(faces_dir, tmp_path_factory) -> Path:
+    """Every split in a single shard."""
+    return make_shards(faces_dir, tmp_path_factory.mktemp("shards1"), 1000)
+
+
+def split_keys(shards: Path, split: str) -> list[str]:
+    """The keys of a split, in stored order, read from the `.idx` files."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    return [line.split()[3].split(".")[0] for entry in manifest["splits"][split]["shards"]
+            for line in (shards / entry["idx"]).read_text().splitlines()[1:]]

@@ -4,7 +4,6 @@ DALI is imported plainly: CI installs it, so a missing DALI must fail these test
 """
 
 import importlib
-import json
 import os
 import shutil
 import sys
@@ -20,38 +19,15 @@ import pipeline
 from pipeline import DataError, build_loader
 from pipeline.geometry import crop_box
 from prep import shard
+from conftest import split_keys
 
 BATCH = 16
-
-
-@pytest.fixture(scope="module")
-def small_shards(faces_dir, tmp_path_factory):
-    """The same faces in 7-sample shards: ranks start and end inside shards."""
-    out = tmp_path_factory.mktemp("dali_shards7")
-    assert shard.main(["--data-path", str(faces_dir), "--output-dir", str(out), "--shard-size", "7",
-                       "--workers", "2", "--quiet"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def one_shard(faces_dir, tmp_path_factory):
-    """Every split in a single shard."""
-    out = tmp_path_factory.mktemp("dali_shards1")
-    assert shard.main(["--data-path", str(faces_dir), "--output-dir", str(out), "--shard-size", "1000",
-                       "--workers", "2", "--quiet"]) == 0
-    return out
 
 
 @pytest.fixture
 def shard_copy(shards, tmp_path):
     """A copy of the session's shards that a test may damage."""
     return shutil.copytree(shards, tmp_path / "shards")
-
-
-def split_keys(shards, split):
-    manifest = json.loads((shards / "manifest.json").read_text())
-    return [line.split()[3].split(".")[0] for entry in manifest["splits"][split]["shards"]
-            for line in (shards / entry["idx"]).read_text().splitlines()[1:]]
 
 
 def epoch(loader, number):

@@ -1,7 +1,6 @@
 """The torch loader: exact epochs, rank splits, geometry and flips."""
 
 import io
-import json
 from collections import Counter
 
 import numpy as np
@@ -12,25 +11,9 @@ from PIL import Image
 from pipeline import build_loader
 from pipeline.geometry import crop_box
 from pipeline.torch_loader import decode_plan, decode_resized
-from prep import shard
+from conftest import split_keys
 
 BATCH = 16
-
-
-@pytest.fixture(scope="module")
-def small_shards(faces_dir, tmp_path_factory):
-    """The same faces in 7-sample shards: many shards, most of them split across workers."""
-    out = tmp_path_factory.mktemp("shards7")
-    assert shard.main(["--data-path", str(faces_dir), "--output-dir", str(out), "--shard-size", "7", "--quiet"]) == 0
-    return out
-
-
-def split_keys(shards, split):
-    manifest = json.loads((shards / "manifest.json").read_text())
-    keys = []
-    for entry in manifest["splits"][split]["shards"]:
-        keys += [line.split()[3].split(".")[0] for line in (shards / entry["idx"]).read_text().splitlines()[1:]]
-    return keys
 
 
 def epoch_keys(loader, epoch):

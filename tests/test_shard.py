@@ -8,7 +8,6 @@ folder copy files out of `faces_dir` into tmp_path.
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
