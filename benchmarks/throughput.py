@@ -58,9 +58,9 @@ LOADER_NAMES = ("seed", "torch", "torch-cpu-decode", "dali")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=Path, default=None,
+    p.add_argument("--images", type=Path, default=None, metavar="DIR",
                    help="a folder laid out like img_align_celeba (default: make synthetic faces in a temporary folder)")
-    p.add_argument("--limit", type=int, default=10_000,
+    p.add_argument("--limit", type=int, default=10_000, metavar="N",
                    help="with --images: use the first N files, 0 for all (default: 10000)")
     p.add_argument("--synthetic", type=int, default=None, metavar="N",
                    help="synthetic faces to make without --images (default: 10000, 3000 with --quick)")
@@ -73,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--crop", choices=("center", "none"), default="center",
                    help="the project loaders' geometry (default: center, train.py's); the seed always squashes")
     p.add_argument("--quick", action="store_true",
-                   help="fewer and shorter windows, no compile or CPU bf16 rows (CPU: under 3 minutes on 2 cores)")
+                   help="fewer images, windows and steps, and no compile row on a CPU (CPU: about a minute on 2 cores)")
     p.add_argument("--repeats", type=int, default=None, help="timed windows per row (default: 5, 3 with --quick)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps per timed window (default: CUDA 50, CPU 8, CPU --quick 4)")
