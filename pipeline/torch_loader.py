@@ -67,19 +67,27 @@ def decode_crop(jpeg: bytes, crop: str) -> np.ndarray:
     return image[top:bottom, left:right]
 
 
-def resize_batch(crops: list[np.ndarray]) -> torch.Tensor:
-    """Crops -> (B, 64, 64, 3) uint8, antialiased bilinear; one call when they share a size (CelebA)."""
-    def resize(x):  # NHWC memory as channels_last NCHW: the uint8 fast path of interpolate
-        return F.interpolate(x.permute(0, 3, 1, 2), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
-                             antialias=True).permute(0, 2, 3, 1)
+def resize_crops(crops: list[torch.Tensor]) -> torch.Tensor:
+    """(3, h, w) uint8 crops, on the CPU or a GPU -> (B, 3, 64, 64), antialiased bilinear.
+
+    One call for the batch when the crops share a size (CelebA: always), stacked channels_last: the
+    layout of the uint8 fast path of `interpolate` on the CPU, and of the model's input."""
+    def resize(x):
+        return F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True)
     if len({c.shape for c in crops}) == 1:
-        return resize(torch.from_numpy(np.stack(crops))).contiguous()
-    return torch.cat([resize(torch.from_numpy(np.ascontiguousarray(c))[None]) for c in crops]).contiguous()
+        return resize(torch.stack([c.permute(1, 2, 0) for c in crops]).permute(0, 3, 1, 2))
+    return torch.cat([resize(c[None]) for c in crops])
+
+
+def decode_resized_batch(jpegs: list[bytes], crop: str) -> torch.Tensor:
+    """JPEG bytes -> (B, 64, 64, 3) uint8 on the CPU, as the workers make them."""
+    crops = [torch.from_numpy(decode_crop(jpeg, crop)).permute(2, 0, 1) for jpeg in jpegs]
+    return resize_crops(crops).permute(0, 2, 3, 1).contiguous()  # a view when the result is channels_last
 
 
 def decode_resized(jpeg: bytes, crop: str = "center") -> np.ndarray:
     """One JPEG -> (64, 64, 3) uint8, as the workers make them."""
-    return resize_batch([decode_crop(jpeg, crop)])[0].numpy()
+    return decode_resized_batch([jpeg], crop)[0].numpy()
 
 
 def read_spans(spans):
@@ -131,13 +139,16 @@ class ShardStream(IterableDataset):
             yield out
 
     def decode_batch(self, batch, flips):
-        crops = []
-        for sample in batch:
-            try:
-                crops.append(decode_crop(sample["jpg"], self.crop))
-            except (OSError, ValueError, KeyError) as exn:
-                raise DataError(f"sample {sample['__key__']} in {sample['__url__']} does not decode ({exn})") from exn
-        images = resize_batch(crops)  # (B, 64, 64, 3)
+        try:
+            images = decode_resized_batch([sample["jpg"] for sample in batch], self.crop)  # (B, 64, 64, 3)
+        except (OSError, ValueError, KeyError):
+            for sample in batch:  # which one: the error alone does not say
+                try:
+                    decode_crop(sample["jpg"], self.crop)
+                except (OSError, ValueError, KeyError) as exn:
+                    raise DataError(f"sample {sample['__key__']} in {sample['__url__']} does not decode "
+                                    f"({exn})") from exn
+            raise
         flipped = [i for i, flip in enumerate(flips) if flip]
         images[flipped] = images[flipped].flip(2)
         return {"images": images}
@@ -153,18 +164,13 @@ class ShardStream(IterableDataset):
 def gpu_decode(data, lengths, flips, crop, device) -> torch.Tensor:
     """A batch of JPEG bytes -> (B, 3, 64, 64) uint8 on `device`, decoded by nvJPEG."""
     from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2.functional import resized_crop
 
     images = decode_jpeg(list(torch.split(data, lengths)), mode=ImageReadMode.RGB, device=device)
-
-    def crop_resize(x):
-        left, top, right, bottom = crop_box(x.shape[-1], x.shape[-2], crop)
-        return resized_crop(x, top, left, bottom - top, right - left, [IMAGE_SIZE, IMAGE_SIZE], antialias=True)
-
-    if len({im.shape for im in images}) == 1:  # CelebA: one frame size, so one batched resize
-        out = crop_resize(torch.stack(images))
-    else:
-        out = torch.stack([crop_resize(im) for im in images])
+    crops = []
+    for image in images:  # (3, H, W) each
+        left, top, right, bottom = crop_box(image.shape[-1], image.shape[-2], crop)
+        crops.append(image[:, top:bottom, left:right])
+    out = resize_crops(crops)
     flips = flips.to(device, non_blocking=True).view(-1, 1, 1, 1)
     return torch.where(flips, out.flip(-1), out)
 

@@ -140,3 +140,18 @@ def test_odd_sized_frames_decode(faces_dir, size, crop):
     # Decoded whole, like the centre crop; upscaling the 63x65 frame, torch's and PIL's kernels differ
     # a little more (measured 0.13).
     assert np.abs(fast - reference).mean() < 0.2
+
+
+@pytest.mark.parametrize("crop, bound", [("center", 0.1), ("none", 0.8)])
+def test_the_gpu_decode_path_run_on_the_cpu_matches_the_workers(faces_dir, crop, bound):
+    """gpu_decode is nvJPEG's path on CUDA; torchvision decodes the same way on the CPU, so its cropping,
+    resizing and flipping run here. Bounds as for the full decode above (same kernels, same decoder)."""
+    from pipeline.torch_loader import ShardStream, gpu_decode
+    jpegs = [p.read_bytes() for p in sorted(faces_dir.glob("*.jpg"))[:12]]
+    flips = [i % 3 == 0 for i in range(len(jpegs))]
+    packed = ShardStream.pack_bytes([{"jpg": j} for j in jpegs], flips)
+    images = gpu_decode(packed["data"], packed["lengths"], packed["flips"], crop, "cpu")
+    assert images.shape == (12, 3, 64, 64) and images.dtype == torch.uint8
+    for image, jpeg, flip in zip(images, jpegs, flips):
+        reference = torch.from_numpy(decode_resized(jpeg, crop)).permute(2, 0, 1)
+        assert (image.float() - (reference.flip(-1) if flip else reference).float()).abs().mean() < bound
