@@ -3,10 +3,11 @@
     python train.py --data-path dataset/celeba/shards              # one GPU or the CPU
     torchrun --nproc_per_node 4 train.py --data-path ...            # several GPUs, same flags
 
-Reads top to bottom: config, data, model, the loop. Writes into --output-dir:
-reconstructions_epoch{n}.png, generated_samples.png, vae_celeba.pth (a plain CPU state_dict that
-`VariationalAutoEncoder(z_dim=128).load_state_dict(torch.load(...))` takes), checkpoint.pt (resumable,
-rewritten atomically after each epoch) and metrics.jsonl (one line per epoch).
+Reads top to bottom: config, checkpoints, one epoch of training, evaluation and pictures, then
+main(), the epoch loop. Writes into --output-dir: reconstructions_epoch{n}.png,
+generated_samples.png, vae_celeba.pth (a plain CPU state_dict that
+`VariationalAutoEncoder(z_dim=128).load_state_dict(torch.load(...))` takes), checkpoint.pt
+(resumable, rewritten atomically after each epoch) and metrics.jsonl (one line per epoch).
 """
 
 import argparse
@@ -25,41 +26,47 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from model import VariationalAutoEncoder, VAELoss, vae_loss
+from model import BETA, VariationalAutoEncoder, VAELoss, vae_loss
 from model.step import TrainStep
 from pipeline import CROPS, LOADERS, DataError, build_loader
+
+LOG_EVERY = 25  # steps between host syncs: reading the loss forces the GPU to catch up
 
 # ----------------------------------------------------------------------------- config
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every flag's default and keeps the module docstring's layout."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-path", default="dataset/celeba/shards", help="folder with manifest.json and shards "
-                   "written by prep/shard.py (default: dataset/celeba/shards)")
-    p.add_argument("--loader", choices=LOADERS, default="torch", help="torch: webdataset + DataLoader; "
-                   "dali: NVIDIA DALI pipeline (pip install nvidia-dali-cuda130) (default: torch)")
-    p.add_argument("--epochs", type=int, default=40, help="total epochs, counting resumed ones (default: 40)")
-    p.add_argument("-b", "--batch-size", type=int, default=128, help="images per step and per GPU (default: 128)")
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default: 3e-4)")
-    p.add_argument("--beta", type=float, default=1e-3, help="KL weight; BCE is a per-pixel mean and KL a per-image "
-                   "sum, so 1.0 collapses to one average face (default: 0.001)")
-    p.add_argument("--z-dim", type=int, default=128, help="latent dimensions (default: 128)")
-    p.add_argument("-j", "--workers", type=int, default=None, help="loader processes (torch) or threads (dali) "
-                   "(default: min(8, CPU cores - 1), at least 1)")
-    p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default: auto, CUDA when present)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--data-path", default="dataset/celeba/shards",
+                   help="folder with manifest.json and shards written by prep/shard.py")
+    p.add_argument("--loader", choices=LOADERS, default="torch",
+                   help="torch: webdataset + DataLoader; dali: NVIDIA DALI pipeline (pip install nvidia-dali-cuda130)")
+    p.add_argument("--epochs", type=int, default=40, help="total epochs, counting resumed ones")
+    p.add_argument("-b", "--batch-size", type=int, default=128, help="images per step and per GPU")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--beta", type=float, default=BETA, help="KL weight; BCE is a per-pixel mean and KL a per-image "
+                   "sum, so 1.0 collapses to one average face")
+    p.add_argument("--z-dim", type=int, default=128, help="latent dimensions")
+    p.add_argument("-j", "--workers", type=int, default=None, help="loader processes (torch) or threads (dali); "
+                   "None: min(8, CPU cores - 1), at least 1")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (CUDA when present)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision: auto is "
-                   "bf16 on CUDA and off on CPU, where bf16 is much slower; fp16 uses a GradScaler (default: auto)")
+                   "bf16 on CUDA and off on CPU, where bf16 is much slower; fp16 uses a GradScaler")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC memory format, faster convolutions on GPUs (default: on)")
+                   help="NHWC memory format, faster convolutions on GPUs")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training step (default: on for CUDA, off on CPU where it does not help)")
+                   help="torch.compile the training step; None: on for CUDA, off on CPU where it does not help")
     p.add_argument("--crop", choices=CROPS, default="center", help="center: the usual 148x148 CelebA-64 crop; "
-                   "none: squash the whole 178x218 frame like the original seed code (default: center)")
+                   "none: squash the whole 178x218 frame like the original seed code")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
-                   help="random horizontal flips of training images (default: on)")
-    p.add_argument("--output-dir", default="output", help="where images, weights and logs go (default: output)")
+                   help="random horizontal flips of training images")
+    p.add_argument("--output-dir", default="output", help="where images, weights and logs go")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
-                   help="continue from a checkpoint (default path: OUTPUT_DIR/checkpoint.pt)")
+                   help="continue from a checkpoint (given without a path: OUTPUT_DIR/checkpoint.pt)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order, flips and sampling")
     args = p.parse_args(argv)
     if args.workers is None:
@@ -73,12 +80,9 @@ class TrainingError(RuntimeError):
     """Stops training with a message for the user rather than a traceback."""
 
 
-def main(argv=None):
-    args = parse_args(argv)
-
-    # Several processes under torchrun: one GPU each, gradients averaged by DDP.
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if ddp:
+def setup_device(args):
+    """(device, rank, world_size): several processes under torchrun, one GPU each; else one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank, world_size = dist.get_rank(), dist.get_world_size()
         device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
@@ -89,15 +93,143 @@ def main(argv=None):
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    master = rank == 0
-    amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off")
+    return device, rank, world_size
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    if amp != "auto":
+        return amp
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_reduce(stats: torch.Tensor) -> torch.Tensor:
+    """Sums `stats` over the ranks (in place) when training on several."""
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    return stats
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, model, optimizer, scaler, epoch: int, args, device) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "epoch": epoch, "args": vars(args),
+             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-save never leaves a half checkpoint
+
+
+def load_checkpoint(path: Path, model, optimizer, scaler, device) -> int:
+    """Restores everything save_checkpoint wrote; returns the number of finished epochs."""
+    if not Path(path).is_file():
+        raise TrainingError(f"--resume: no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    random.setstate(ckpt["rng"]["python"])
+    np.random.set_state(ckpt["rng"]["numpy"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    return ckpt["epoch"]
+
+
+def save_weights(path: Path, model) -> None:
+    """The plain CPU state_dict that the seed README's snippet loads."""
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+
+def train_one_epoch(train_step, loader, epoch: int, args, world_size: int, out_dir: Path, show: bool) -> dict:
+    """Trains over one epoch of `loader`; returns the mean train VAELoss fields and the wall time."""
+    device = train_step.device
+    stats = torch.zeros(4, device=device)  # loss, bce, kl, neg_elbo, summed over steps
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show, dynamic_ncols=True)
+    started = time.perf_counter()
+    for step, images in enumerate(loader):
+        stats += torch.stack(train_step(images))
+        bar.update()
+        if (step + 1) % LOG_EVERY == 0 or step + 1 == len(loader):
+            mean = (stats / (step + 1)).tolist()
+            if not all(map(math.isfinite, mean)):
+                bar.close()
+                raise TrainingError(
+                    f"the loss became {mean[0]} in epoch {epoch + 1} near step {step + 1}; stopped without "
+                    f"saving. The last good checkpoint is {out_dir / 'checkpoint.pt'}: try a lower --lr, "
+                    f"or --amp off if mixed precision is on, and --resume")
+            seconds = time.perf_counter() - started
+            bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{(step + 1) * args.batch_size * world_size / seconds:.0f}")
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    train = dict(zip(VAELoss._fields, (all_reduce(stats) / (len(loader) * world_size)).tolist()))
+    return {**train, "seconds": seconds, "images_per_s": len(loader) * args.batch_size * world_size / seconds}
+
+
+# ----------------------------------------------------------------------------- evaluation and pictures
+
+
+@torch.no_grad()
+def evaluate(model, loader, train_step, beta: float) -> dict:
+    """Mean VAELoss fields per image over the whole split, every rank's share included."""
+    device = train_step.device
+    model.eval()
+    stats = torch.zeros(5, device=device)  # images, loss, bce, kl, neg_elbo (sums over images)
+    for images in loader:
+        x = train_step.to_input(images)
+        with train_step.autocast():
+            x_hat, mu, logvar = model(x)
+        out = vae_loss(x_hat, x, mu, logvar, beta)
+        stats += torch.stack([torch.ones((), device=device), *out]) * len(x)
+    model.train()
+    n, *sums = all_reduce(stats).tolist()
+    return dict(zip(VAELoss._fields, (s / n for s in sums)))
+
+
+@torch.no_grad()
+def save_reconstructions(model, preview, train_step, path: Path) -> None:
+    """Faces over their reconstructions from the posterior mean."""
+    model.eval()
+    x = train_step.to_input(preview)
+    with train_step.autocast():
+        recon = model.decode(model.encode(x)[0]).float()
+    model.train()
+    save_image(make_grid(torch.cat([x, recon]), nrow=len(x)), path)
+
+
+@torch.no_grad()
+def save_samples(model, z_dim: int, seed: int, device, path: Path) -> None:
+    """64 faces decoded from z ~ N(0, I), the same z for the same seed."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    samples = model.decode(torch.randn(64, z_dim, generator=generator).to(device)).float()
+    save_image(make_grid(samples, nrow=8), path)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(args):
+    device, rank, world_size = setup_device(args)
+    ddp, master = world_size > 1, rank == 0
+    amp = resolve_amp(args.amp, device)
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
 
     # ------------------------------------------------------------------------- data
     def loader(split):
@@ -118,103 +250,33 @@ def main(argv=None):
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=args.lr)
     train_step = TrainStep(model, optimizer, device, amp=amp, channels_last=args.channels_last,
                            compile=use_compile, beta=args.beta)
-    to_input, autocast, scaler = train_step.to_input, train_step.autocast, train_step.scaler
 
     start_epoch = 0
     if args.resume:
-        if not Path(args.resume).is_file():
-            raise TrainingError(f"--resume: no checkpoint at {args.resume}")
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"]
-        random.setstate(ckpt["rng"]["python"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        start_epoch = load_checkpoint(Path(args.resume), raw_model, optimizer, train_step.scaler, device)
         if master:
             print(f"resumed from {args.resume} after epoch {start_epoch}")
-
     if master:
         print(f"{args.loader} loader: {train_loader.num_samples * world_size} training images per epoch, "
               f"{len(train_loader)} steps of {args.batch_size} x {world_size} | device {device}, amp {amp}, "
               f"compile {'on' if use_compile else 'off'}, channels_last {'on' if args.channels_last else 'off'}")
 
-    def reduce(stats: torch.Tensor) -> torch.Tensor:
-        if ddp:
-            dist.all_reduce(stats)
-        return stats
-
-    @torch.no_grad()
-    def evaluate():
-        raw_model.eval()
-        stats = torch.zeros(5, device=device)  # images, loss, bce, kl, neg_elbo (sums over images)
-        for images in val_loader:
-            x = to_input(images)
-            with autocast():
-                x_hat, mu, logvar = raw_model(x)
-            out = vae_loss(x_hat, x, mu, logvar, args.beta)
-            stats += torch.stack([torch.ones((), device=device), *out]) * len(x)
-        raw_model.train()
-        n, *sums = reduce(stats).tolist()
-        return dict(zip(VAELoss._fields, (s / n for s in sums)))
-
-    @torch.no_grad()
-    def save_reconstructions(epoch):
-        raw_model.eval()
-        x = to_input(preview)
-        with autocast():
-            recon = raw_model.decode(raw_model.encode(x)[0]).float()
-        raw_model.train()
-        save_image(make_grid(torch.cat([x, recon]), nrow=len(x)), out_dir / f"reconstructions_epoch{epoch}.png")
-
-    def save_checkpoint(epoch):
-        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": epoch, "args": vars(args),
-                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-        tmp = out_dir / "checkpoint.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, out_dir / "checkpoint.pt")  # a crash mid-save never leaves a half checkpoint
-
     # ------------------------------------------------------------------------- the loop
-    log_every = 25  # steps between host syncs: reading the loss forces the GPU to catch up
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, args.epochs):
             train_loader.set_epoch(epoch)
-            stats = torch.zeros(4, device=device)  # loss, bce, kl, neg_elbo, summed over steps
-            bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master,
-                       dynamic_ncols=True)
-            started = time.perf_counter()
-            for step, images in enumerate(train_loader):
-                stats += torch.stack(train_step(images))
-                bar.update()
-                if (step + 1) % log_every == 0 or step + 1 == len(train_loader):
-                    mean = (stats / (step + 1)).tolist()
-                    if not all(map(math.isfinite, mean)):
-                        raise TrainingError(
-                            f"the loss became {mean[0]} in epoch {epoch + 1} near step {step + 1}; stopped without "
-                            f"saving. The last good checkpoint is {out_dir / 'checkpoint.pt'}: try a lower --lr, "
-                            f"or --amp off if mixed precision is on, and --resume")
-                    seconds = time.perf_counter() - started
-                    bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{(step + 1) * args.batch_size * world_size / seconds:.0f}")
-            bar.close()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - started
-            train = dict(zip(VAELoss._fields, (reduce(stats) / (len(train_loader) * world_size)).tolist()))
-            val = evaluate()
+            train = train_one_epoch(train_step, train_loader, epoch, args, world_size, out_dir, show=master)
+            val = evaluate(raw_model, val_loader, train_step, args.beta)
             if master:
-                save_reconstructions(epoch + 1)
-                save_checkpoint(epoch + 1)
+                save_reconstructions(raw_model, preview, train_step, out_dir / f"reconstructions_epoch{epoch + 1}.png")
+                save_checkpoint(out_dir / "checkpoint.pt", raw_model, optimizer, train_step.scaler, epoch + 1, args,
+                                device)
                 record = {"epoch": epoch + 1,
-                          **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()},
+                          **{f"train_{k}": train[k] for k in VAELoss._fields},
+                          **{f"val_{k}": v for k, v in val.items()},
                           "val_bits_per_dim": VAELoss.bits_per_dim(val["neg_elbo"]),
-                          "images_per_s": len(train_loader) * args.batch_size * world_size / seconds,
-                          "seconds": seconds}
+                          "images_per_s": train["images_per_s"], "seconds": train["seconds"]}
                 with open(out_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 print(f"epoch {epoch + 1}: train loss {train['loss']:.4f} | val loss {val['loss']:.4f}, "
@@ -226,22 +288,22 @@ def main(argv=None):
         return 130
 
     if master:
-        raw_model.eval()
-        generator = torch.Generator().manual_seed(args.seed)
-        with torch.no_grad():
-            samples = raw_model.decode(torch.randn(64, args.z_dim, generator=generator).to(device)).float()
-        save_image(make_grid(samples, nrow=8), out_dir / "generated_samples.png")
-        weights = {k: v.detach().cpu() for k, v in raw_model.state_dict().items()}
-        torch.save(weights, out_dir / "vae_celeba.pth")
+        save_samples(raw_model, args.z_dim, args.seed, device, out_dir / "generated_samples.png")
+        save_weights(out_dir / "vae_celeba.pth", raw_model)
         print(f"wrote {out_dir / 'vae_celeba.pth'}, {out_dir / 'generated_samples.png'}")
     if ddp:
         dist.destroy_process_group()
     return 0
 
 
-if __name__ == "__main__":
+def run(argv=None) -> int:
+    """main() on parsed flags, with data and training errors as one line on stderr and exit code 1."""
     try:
-        sys.exit(main())
+        return main(parse_args(argv))
     except (DataError, TrainingError) as exn:
         print(f"error: {exn}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -24,7 +24,7 @@ class TrainStep:
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, not {amp!r}")
         device = torch.device(device)
-        self.model, self.optimizer, self.beta = model, optimizer, beta
+        self.model, self.optimizer, self.beta, self.device = model, optimizer, beta, device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         dtype = AMP_DTYPES[amp]
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext

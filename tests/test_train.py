@@ -32,7 +32,7 @@ print(tuple(samples.shape), float(samples.min()), float(samples.max()))
 
 
 def run(shards, out, *extra):
-    return train.main(["--data-path", str(shards), "--output-dir", str(out), *FAST, *extra])
+    return train.main(train.parse_args(["--data-path", str(shards), "--output-dir", str(out), *FAST, *extra]))
 
 
 def metrics(out):
