@@ -27,8 +27,8 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from model import BETA, VariationalAutoEncoder, VAELoss, vae_loss
-from model.step import TrainStep
-from pipeline import CROPS, LOADERS, DataError, build_loader
+from model.step import TrainStep, default_compile, resolve_amp
+from pipeline import CROPS, LOADERS, DataError, build_loader, default_workers
 
 LOG_EVERY = 25  # steps between host syncs: reading the loss forces the GPU to catch up
 
@@ -51,11 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=BETA, help="KL weight; BCE is a per-pixel mean and KL a per-image "
                    "sum, so 1.0 collapses to one average face")
     p.add_argument("--z-dim", type=int, default=128, help="latent dimensions")
-    p.add_argument("-j", "--workers", type=int, default=None, help="loader processes (torch) or threads (dali); "
-                   "None: min(8, CPU cores - 1), at least 1")
+    p.add_argument("-j", "--workers", type=int, default=default_workers(),
+                   help="loader processes (torch) or threads (dali); the default is min(8, CPU cores - 1), at least 1")
     p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (CUDA when present)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision: auto is "
-                   "bf16 on CUDA and off on CPU, where bf16 is much slower; fp16 uses a GradScaler")
+                   "bf16 on CUDA and on CPUs with bf16 units (avx512_bf16 or AMX), off on other CPUs, where bf16 is "
+                   "emulated and slower; fp16 uses a GradScaler")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory format, faster convolutions on GPUs")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -69,8 +70,6 @@ def parse_args(argv=None):
                    help="continue from a checkpoint (given without a path: OUTPUT_DIR/checkpoint.pt)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order, flips and sampling")
     args = p.parse_args(argv)
-    if args.workers is None:
-        args.workers = max(1, min(8, (os.cpu_count() or 2) - 1))
     if args.resume == "":
         args.resume = str(Path(args.output_dir) / "checkpoint.pt")
     return args
@@ -94,12 +93,6 @@ def setup_device(args):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device, rank, world_size
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    if amp != "auto":
-        return amp
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
 
 
 def seed_everything(seed: int) -> None:
@@ -225,11 +218,14 @@ def save_samples(model, z_dim: int, seed: int, device, path: Path) -> None:
 def main(args):
     device, rank, world_size = setup_device(args)
     ddp, master = world_size > 1, rank == 0
-    amp = resolve_amp(args.amp, device)
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    amp, amp_why = resolve_amp(args.amp, device)
+    use_compile = default_compile(device) if args.compile is None else args.compile
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
+    if master:  # the first line of a run: what runs where, and why where it was chosen for the user
+        print(f"device {device} | amp {amp} ({amp_why}) | compile {'on' if use_compile else 'off'} | "
+              f"channels_last {'on' if args.channels_last else 'off'}")
 
     # ------------------------------------------------------------------------- data
     def loader(split):
@@ -258,8 +254,7 @@ def main(args):
             print(f"resumed from {args.resume} after epoch {start_epoch}")
     if master:
         print(f"{args.loader} loader: {train_loader.num_samples * world_size} training images per epoch, "
-              f"{len(train_loader)} steps of {args.batch_size} x {world_size} | device {device}, amp {amp}, "
-              f"compile {'on' if use_compile else 'off'}, channels_last {'on' if args.channels_last else 'off'}")
+              f"{len(train_loader)} steps of {args.batch_size} x {world_size}")
 
     # ------------------------------------------------------------------------- the loop
     epoch = start_epoch

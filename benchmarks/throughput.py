@@ -48,8 +48,8 @@ from torchvision import transforms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from model import CLAMP_EPS, VariationalAutoEncoder  # noqa: E402
-from model.step import TrainStep  # noqa: E402
-from pipeline import build_loader  # noqa: E402
+from model.step import TrainStep, default_compile, resolve_amp  # noqa: E402
+from pipeline import build_loader, default_workers  # noqa: E402
 
 CELEBA_TRAIN = 162_770
 EPOCHS = 40
@@ -66,8 +66,9 @@ def parse_args(argv=None):
                    help="synthetic faces to make without --images (default: 10000, 3000 with --quick)")
     p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default: auto, CUDA when present)")
     p.add_argument("-b", "--batch-size", type=int, default=128, help="images per batch (default: 128, the seed's)")
-    p.add_argument("-j", "--workers", type=int, default=os.cpu_count(),
-                   help="loader processes (seed, torch) or threads (dali), the same for all (default: CPU cores)")
+    p.add_argument("-j", "--workers", type=int, default=default_workers(),
+                   help="loader processes (seed, torch) or threads (dali), the same for all (default: train.py's, "
+                        f"{default_workers()} here)")
     p.add_argument("--loaders", default=",".join(LOADER_NAMES),
                    help=f"comma-separated loaders to run (default: all of {','.join(LOADER_NAMES)})")
     p.add_argument("--crop", choices=("center", "none"), default="center",
@@ -237,23 +238,27 @@ def make_loader(name, folder, shards, args):
 def modes_for(args):
     """mode -> TrainStep settings, or a string saying why the mode is skipped here."""
     cuda = args.device.type == "cuda"
-    default_amp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "off"
+    default_amp, why = resolve_amp("auto", args.device)
     modes = {
         "fp32": dict(amp="off", channels_last=False),
         "channels_last": dict(amp="off", channels_last=True),
         "bf16": dict(amp="bf16", channels_last=True),
         "fp16": dict(amp="fp16", channels_last=True),
-        "compile": dict(amp=default_amp, channels_last=True, compile=True),
+        "compile": dict(amp="off", channels_last=True, compile=True),
+        "bf16+compile": dict(amp="bf16", channels_last=True, compile=True),
         "compile-cudagraphs": dict(amp=default_amp, channels_last=True, compile=True, compile_mode="reduce-overhead"),
-        "default": dict(amp=default_amp, channels_last=True, compile=cuda),  # train.py's choices
+        "default": dict(amp=default_amp, channels_last=True, compile=default_compile(args.device)),  # train.py's
     }
     if not cuda:
         if args.quick:
-            modes["compile"] = "--quick skips it: about 20 s of compiling on a CPU"
+            modes["compile"] = modes["bf16+compile"] = "--quick skips it: about 20 s of compiling on a CPU"
         modes["fp16"] = "fp16 with a GradScaler is a CUDA mode"
         modes["compile-cudagraphs"] = "CUDA graphs need CUDA"
-    elif not torch.cuda.is_bf16_supported():
-        modes["bf16"] = "this GPU has no bf16"
+    if default_amp != "bf16":  # bf16 where train.py would not pick it: timed all the same, for comparison
+        if isinstance(modes["bf16+compile"], dict):
+            modes["bf16+compile"] = f"train.py would not use bf16 here: {why}"
+        if cuda:
+            modes["bf16"] = why
     return modes
 
 

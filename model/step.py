@@ -4,6 +4,7 @@
     stats = step(images)  # uint8 (B, 3, 64, 64) batch -> VAELoss of detached tensors, no host sync
 """
 
+import platform
 from contextlib import nullcontext
 
 import torch
@@ -11,6 +12,45 @@ import torch
 from model.loss import BETA, VAELoss, vae_loss
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def native_bf16_cpu() -> str | None:
+    """The instruction set that makes bf16 fast on this CPU, or None.
+
+    Only bf16 arithmetic units count: avx512_bf16 (AMD Zen 4+, Intel Cooper Lake+) or AMX tiles
+    (Intel Sapphire Rapids+), as cpuinfo reports them through torch. oneDNN's own bf16 check
+    (`torch.ops.mkldnn._is_mkldnn_bf16_supported`) is not used: it also says yes on plain AVX-512,
+    where bf16 is emulated and the step runs several times slower than fp32.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None  # not measured on other CPUs: stay in fp32
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "avx512_bf16"
+    return None
+
+
+def default_compile(device) -> bool:
+    """train.py's --compile default: on for CUDA; off on the CPU (benchmarks/RESULTS.md)."""
+    return torch.device(device).type == "cuda"
+
+
+def resolve_amp(amp: str, device) -> tuple[str, str]:
+    """`--amp auto` made concrete for `device`: (bf16 | fp16 | off, why)."""
+    device = torch.device(device)
+    if amp != "auto":
+        return amp, "as asked"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "the GPU computes bf16"
+        return "off", "this GPU has no bf16 (fp16 with a GradScaler is --amp fp16)"
+    if device.type == "cpu":
+        found = native_bf16_cpu()
+        if found:
+            return "bf16", f"this CPU computes bf16 natively ({found})"
+        return "off", "this CPU has no native bf16 (avx512_bf16 or AMX), where bf16 runs slower than fp32"
+    return "off", f"no mixed precision chosen for {device.type}"
 
 
 def to_float(images: torch.Tensor, memory_format=torch.channels_last) -> torch.Tensor:

@@ -11,10 +11,17 @@ number of images. Training splits (`train=True`, the default for "train") shuffl
 the final partial batch; evaluation splits keep every sample exactly once, in a fixed order.
 """
 
+import os
+
 from pipeline.geometry import CROPS, IMAGE_SIZE
 from pipeline.shards import SPLITS, DataError
 
 LOADERS = ("torch", "dali")
+
+
+def default_workers() -> int:
+    """Loader processes (torch) or threads (dali) when the user gives none: min(8, CPU cores - 1), at least 1."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def build_loader(name: str, data_path, split: str, batch_size: int, device, *, train: bool | None = None,
@@ -34,4 +41,4 @@ def build_loader(name: str, data_path, split: str, batch_size: int, device, *, t
     raise ValueError(f"unknown loader {name!r}; choose one of {LOADERS}")
 
 
-__all__ = ["build_loader", "LOADERS", "SPLITS", "CROPS", "IMAGE_SIZE", "DataError"]
+__all__ = ["build_loader", "default_workers", "LOADERS", "SPLITS", "CROPS", "IMAGE_SIZE", "DataError"]
