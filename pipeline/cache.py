@@ -190,8 +190,11 @@ def cached_loader(data_path, split: str, batch_size: int, device, *, train: bool
 # ----------------------------------------------------------------------------- whether to cache
 
 
-def gigabytes(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+def nbytes(n: float) -> str:
+    for unit, scale, digits in (("GB", 1e9, 2), ("MB", 1e6, 1), ("kB", 1e3, 1)):
+        if n >= scale:
+            return f"{n / scale:.{digits}f} {unit}"
+    return f"{n:.0f} bytes"
 
 
 def available_ram() -> int | None:
@@ -214,14 +217,14 @@ def memory_budget(device) -> tuple[int, str]:
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * MEMORY_FRACTION), f"{MEMORY_FRACTION:.0%} of the {gigabytes(free)} free on {device}"
+        return int(free * MEMORY_FRACTION), f"{MEMORY_FRACTION:.0%} of the {nbytes(free)} free on {device}"
     available = available_ram()
     if available is None:
         return 0, "this system does not say how much RAM is available"
     # Processes of one torchrun on this machine each hold a copy in the same RAM.
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     shared = f", shared by {local} processes" if local > 1 else ""
-    return int(available * MEMORY_FRACTION / local), f"{MEMORY_FRACTION:.0%} of the {gigabytes(available)} of " \
+    return int(available * MEMORY_FRACTION / local), f"{MEMORY_FRACTION:.0%} of the {nbytes(available)} of " \
                                                      f"available RAM{shared}"
 
 
@@ -239,7 +242,9 @@ def plan(mode: str, sizes: dict[str, int], device, epochs_left: int, resumed: st
     if mode == "auto" and resumed == "off":
         return [], f"cache off: the run being resumed streamed, and keeping that keeps its data order; {streams}"
     if mode == "auto" and resumed != "on" and epochs_left <= 1:
-        return [], f"cache off: {max(epochs_left, 0)} epoch to run, where filling the cache is one more pass; {streams}"
+        left = max(epochs_left, 0)
+        return [], (f"cache off: {left} epoch{'' if left == 1 else 's'} to run, and filling the cache would be one "
+                    f"more pass over the images; {streams}")
     budget, how = memory_budget(device)
     if dist.is_initialized():  # every rank must choose alike: the smallest budget decides
         agreed = torch.tensor([budget], dtype=torch.int64, device=device)
@@ -248,24 +253,24 @@ def plan(mode: str, sizes: dict[str, int], device, epochs_left: int, resumed: st
             budget, how = int(agreed), "the smallest budget of the ranks"
     needs = {split: n * IMAGE_BYTES for split, n in sizes.items()}
     (first, need), *_ = needs.items()
-    where = f"{gigabytes(budget)} budget ({how})"
+    allowed = f"the cache may take {nbytes(budget)} ({how})"
     if need > budget:
         if mode == "on":
-            raise DataError(f"--cache on: the {first} split needs {gigabytes(need)} but the cache may take "
-                            f"{where}; use --cache auto or off, or free memory")
+            raise DataError(f"--cache on: the {first} split needs {nbytes(need)}, more than {allowed}; "
+                            "use --cache auto or off, or free memory")
         order = "; the remaining epochs' data order differs from an uninterrupted run's" if resumed == "on" else ""
-        return [], f"cache off: the {first} split needs {gigabytes(need)}, more than the {where}{order}; {streams}"
+        return [], f"cache off: the {first} split needs {nbytes(need)}, more than {allowed}{order}; {streams}"
     chosen, total = [], 0
     for split, need in needs.items():
         if total + need <= budget:
             chosen.append(split)
             total += need
-    held = " + ".join(f"{split} {gigabytes(needs[split])}" for split in chosen)
+    held = " + ".join(f"{split} {nbytes(needs[split])}" for split in chosen)
     left = [split for split in needs if split not in chosen]
     why = ("the run being resumed used it, and keeping that keeps its data order" if mode == "auto" and resumed == "on"
            else "--cache on" if mode == "on" else f"{epochs_left} epochs to run")
-    line = (f"cache on ({why}): {held} in {'GPU memory' if torch.device(device).type == 'cuda' else 'RAM'}, "
-            f"within the {where}, filled by one pass of the {loader} loader")
+    memory = "GPU memory" if torch.device(device).type == "cuda" else "RAM"
+    line = f"cache on ({why}): {held} in {memory}, where {allowed}; filled by one pass of the {loader} loader"
     if left:
-        line += f"; {', '.join(left)} streams, as it does not fit as well"
+        line += f"; {' and '.join(left)} streams, as it does not fit as well"
     return chosen, line
