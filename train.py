@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--cache", choices=CACHE_MODES, default="auto",
                    help="decode the train and val images once, with --loader, into one tensor in GPU memory (CUDA) "
                    "or RAM, and serve every epoch from it. auto: when the train split fits in "
-                   f"{MEMORY_FRACTION:.0%} of the free GPU memory or available RAM (val too when both fit) and more "
+                   f"{MEMORY_FRACTION * 100:.0f}%% of the free GPU memory or available RAM (val too when both fit) and more "
                    "than one epoch remains; a resumed run keeps the choice it started with. on: always, an error if "
                    "it does not fit. off: decode every epoch")
     p.add_argument("--epochs", type=int, default=40, help="total epochs, counting resumed ones")
