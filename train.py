@@ -49,9 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--cache", choices=CACHE_MODES, default="auto",
                    help="decode the train and val images once, with --loader, into one tensor in GPU memory (CUDA) "
                    "or RAM, and serve every epoch from it. auto: when the train split fits in "
-                   f"{MEMORY_FRACTION * 100:.0f}%% of the free GPU memory or available RAM (val too when both fit) and more "
-                   "than one epoch remains; a resumed run keeps the choice it started with. on: always, an error if "
-                   "it does not fit. off: decode every epoch")
+                   f"{MEMORY_FRACTION * 100:.0f}%% of the free GPU memory or available RAM (val too when both "
+                   "fit) and more than one epoch remains; a resumed run keeps the choice it started with. on: "
+                   "always, an error if it does not fit. off: decode every epoch")
     p.add_argument("--epochs", type=int, default=40, help="total epochs, counting resumed ones")
     p.add_argument("-b", "--batch-size", type=int, default=128, help="images per step and per GPU")
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
@@ -244,6 +244,7 @@ def main(args):
         try:  # a look ahead, for the cache's choice; load_checkpoint below loads it or says what is wrong
             ckpt = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
             done, resumed_cache = ckpt["epoch"], ckpt["args"].get("cache")
+            del ckpt
         except Exception:
             pass
     sizes = {split: split_size(args.data_path, split) for split in ("train", "val")}

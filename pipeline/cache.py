@@ -224,16 +224,17 @@ def memory_budget(device) -> tuple[int, str]:
     # Processes of one torchrun on this machine each hold a copy in the same RAM.
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     shared = f", shared by {local} processes" if local > 1 else ""
-    return int(available * MEMORY_FRACTION / local), f"{MEMORY_FRACTION:.0%} of the {nbytes(available)} of " \
-                                                     f"available RAM{shared}"
+    how = f"{MEMORY_FRACTION:.0%} of the {nbytes(available)} of available RAM{shared}"
+    return int(available * MEMORY_FRACTION / local), how
 
 
 def plan(mode: str, sizes: dict[str, int], device, epochs_left: int, resumed: str | None = None,
          loader: str = "torch") -> tuple[list[str], str]:
     """Which of the splits in `sizes` (split -> images, the training split first) to cache, and a line
-    saying why: the first if it fits, and each other one that fits as well. `resumed` is the choice ("on"/"off") of the run being resumed, if any: `auto` keeps
-    it, so that the data order of a resumed run is that of an uninterrupted one. Raises DataError when
-    `mode` is "on" and the training split does not fit."""
+    saying why: the first if it fits, and each other one that fits as well. `resumed` is the choice
+    ("on"/"off") of the run being resumed, if any: `auto` keeps it, so that the data order of a resumed
+    run is that of an uninterrupted one. Raises DataError when `mode` is "on" and the training split
+    does not fit."""
     if mode not in CACHE_MODES:
         raise ValueError(f"cache mode must be one of {CACHE_MODES}, not {mode!r}")
     streams = f"the {loader} loader decodes every epoch"

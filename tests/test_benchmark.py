@@ -35,14 +35,14 @@ def test_quick_benchmark_reports_every_row(tmp_path):
                 assert len(row.get("runs_img_per_s", [0, 0])) == 2
         return {name for name, row in results[section].items() if "skipped" not in row}
 
-    assert check("loaders", ["seed", "torch", "torch-cpu-decode", "dali", "cache"]) == {"seed", "torch", "dali", "cache"}
+    names = ["seed", "torch", "torch-cpu-decode", "dali", "cache"]
+    assert check("loaders", names) == {"seed", "torch", "dali", "cache"}
     measured = check("train_step", ["seed", "fp32", "channels_last", "bf16", "fp16", "compile",
                                     "compile-cudagraphs", "default"])
     assert measured == {"seed", "fp32", "channels_last", "bf16", "default"}
     assert results["train_step"]["default"]["same_as"] == "channels_last"
     assert all(results["train_step"][m]["ms_per_step"] > 0 for m in measured)
-    assert check("end_to_end", ["seed", "torch", "torch-cpu-decode", "dali", "cache"]) == {"seed", "torch", "dali",
-                                                                                           "cache"}
+    assert check("end_to_end", names) == {"seed", "torch", "dali", "cache"}
     for name in ("seed", "torch", "dali", "cache"):
         row = results["end_to_end"][name]
         assert row["fraction_of_ceiling"] > 0 and row["projected_40_epochs_s"] > 0
@@ -52,7 +52,8 @@ def test_quick_benchmark_reports_every_row(tmp_path):
         row = results[section]["cache"]
         assert row["fill_s"] > 0 and row["fill_img_per_s"] > 0
     row = results["end_to_end"]["cache"]
-    assert row["projected_40_epochs_s"] == pytest.approx(40 * 162_770 / row["img_per_s"] + 162_770 / row["fill_img_per_s"])
+    projected = 40 * 162_770 / row["img_per_s"] + 162_770 / row["fill_img_per_s"]
+    assert row["projected_40_epochs_s"] == pytest.approx(projected)
     assert results["loaders"]["seed"]["vs_seed"] == 1.0
     # the table on stdout carries the same rows
     for name in ("seed", "torch", "dali", "cache", "channels_last", "compile-cudagraphs"):

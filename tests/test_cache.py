@@ -72,6 +72,22 @@ def test_mirror_flips_exactly_the_chosen_images():
     assert not torch.equal(images[0], images[0].flip(1)), "a mirror must be told from the original"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the same ops run on the CPU above)")
+def test_on_cuda_the_same_ops_give_the_same_batches_without_a_host_sync(shards):
+    filled = build_loader("cache", shards, "train", BATCH, "cpu", workers=0).cache
+    on_gpu = cache.Cache(filled.images.cuda(), filled.keys, filled.decoded, filled.seconds)
+    cpu, gpu = CachedLoader(filled, BATCH, train=True), CachedLoader(on_gpu, BATCH, train=True)
+    batches = iter(gpu)
+    first = next(batches)  # the epoch's permutation goes to the GPU here, once
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call from here on raises
+    try:
+        rest = list(batches)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(b.is_cuda and b.is_contiguous(memory_format=torch.channels_last) for b in [first, *rest])
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, [first, *rest], strict=True))
+
+
 def test_a_missing_index_is_named(shards, tmp_path):
     copy = shutil.copytree(shards, tmp_path / "shards")
     (copy / "val-000000.idx").unlink()
@@ -118,7 +134,8 @@ def test_two_processes_fill_by_exchanging_their_shares(odd_shards, tmp_path):
         assert rank["keys"] == alone.keys and torch.equal(rank["images"], alone.images)
         assert rank["chosen"] == ["train", "val"]
     # Each decoded only its share: 17 and 18 of the 35.
-    assert [rank["decoded"] for rank in ranks] == [hi - lo for lo, hi in (rank_samples(35, r, 2, False) for r in (0, 1))]
+    shares = [rank_samples(35, r, 2, train=False) for r in (0, 1)]
+    assert [rank["decoded"] for rank in ranks] == [hi - lo for lo, hi in shares] == [17, 18]
     assert not set(ranks[0]["epoch"]) & set(ranks[1]["epoch"]) and len(ranks[0]["epoch"]) == len(ranks[1]["epoch"])
 
 

@@ -101,6 +101,7 @@ def test_resume_with_the_cache_gives_the_same_weights_as_an_uninterrupted_run(sh
 
 
 def test_the_cache_trains_and_writes_the_same_outputs(shards, trained, tmp_path, capsys):
+    capsys.readouterr()
     assert run(shards, tmp_path, "--epochs", "3") == 0  # --cache auto: 3 epochs of a small split
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("cache on (3 epochs to run): train 2.4 MB + val 294.9 kB in RAM")
