@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from model import BETA, VariationalAutoEncoder, VAELoss, vae_loss
 from model.step import TrainStep, default_compile, resolve_amp
-from pipeline import CROPS, LOADERS, DataError, build_loader, default_workers
+from pipeline import CROPS, LOADERS, DataError, build_loader, default_workers, split_size
+from pipeline.cache import CACHE_MODES, MEMORY_FRACTION, plan as plan_cache
 
 LOG_EVERY = 25  # steps between host syncs: reading the loss forces the GPU to catch up
 
@@ -45,6 +46,12 @@ def parse_args(argv=None):
                    help="folder with manifest.json and shards written by prep/shard.py")
     p.add_argument("--loader", choices=LOADERS, default="torch",
                    help="torch: webdataset + DataLoader; dali: NVIDIA DALI pipeline (pip install nvidia-dali-cuda130)")
+    p.add_argument("--cache", choices=CACHE_MODES, default="auto",
+                   help="decode the train and val images once, with --loader, into one tensor in GPU memory (CUDA) "
+                   "or RAM, and serve every epoch from it. auto: when the train split fits in "
+                   f"{MEMORY_FRACTION * 100:.0f}%% of the free GPU memory or available RAM (val too when both "
+                   "fit) and more than one epoch remains; a resumed run keeps the choice it started with. on: "
+                   "always, an error if it does not fit. off: decode every epoch")
     p.add_argument("--epochs", type=int, default=40, help="total epochs, counting resumed ones")
     p.add_argument("-b", "--batch-size", type=int, default=128, help="images per step and per GPU")
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
@@ -228,10 +235,29 @@ def main(args):
               f"channels_last {'on' if args.channels_last else 'off'}")
 
     # ------------------------------------------------------------------------- data
+    done, resumed_cache = 0, None
+    if args.resume and Path(args.resume).is_file():
+        try:  # a look ahead, for the cache's choice; load_checkpoint below loads it or says what is wrong
+            ckpt = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
+            done, resumed_cache = ckpt["epoch"], ckpt["args"].get("cache")
+            del ckpt
+        except Exception:
+            pass
+    sizes = {split: split_size(args.data_path, split) for split in ("train", "val")}
+    cached, why = plan_cache(args.cache, sizes, device, args.epochs - done, resumed_cache, args.loader)
+    args.cache = "on" if "train" in cached else "off"  # saved in the checkpoint: a resume keeps the data order
+    if master:
+        print(why)
+
     def loader(split):
-        return build_loader(args.loader, args.data_path, split, args.batch_size, device, rank=rank,
+        name, options = ("cache", dict(source=args.loader, progress=master)) if split in cached else (args.loader, {})
+        made = build_loader(name, args.data_path, split, args.batch_size, device, rank=rank,
                             world_size=world_size, workers=args.workers, seed=args.seed, crop=args.crop,
-                            flip=args.flip if split == "train" else False)
+                            flip=args.flip if split == "train" else False, **options)
+        if master and split in cached:
+            n, seconds = len(made.cache), made.cache.seconds
+            print(f"cached {split}: {n:,} images in {seconds:.1f} s, {n / seconds:,.0f} images/s")
+        return made
 
     train_loader, val_loader = loader("train"), loader("val")
     if len(train_loader) == 0:

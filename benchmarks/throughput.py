@@ -11,13 +11,15 @@
    open + convert("RGB"), Resize((64, 64)), ToTensor(), a shuffling DataLoader with workers and
    pin_memory, reading the JPEG folder. `torch` and `dali` are pipeline/'s loaders over shards that
    prep/shard.py makes from the same JPEGs (on CUDA, `torch-cpu-decode` is the torch loader with its
-   GPU decode turned off).
+   GPU decode turned off). `cache` serves the split from one tensor on the device, filled once by a
+   pass of the `torch` loader: its row times the batches from that tensor, and reports the fill apart.
 2. train_step: the project's training step (model/step.py) on batches already on the device, for
    each mode that applies here; `seed` is the seed's step (eager fp32, F.binary_cross_entropy, a
    loss.item() per step as its loop does); `default` is what train.py picks on this device.
 3. end_to_end: each loader feeding train.py's default step, as images/s and as a fraction of that
    step's ceiling (how much the loader holds training back); `seed` is the seed's loader feeding
-   the seed's step. From it, the wall time of 40 epochs over CelebA's 162,770 training images.
+   the seed's step. From it, the wall time of 40 epochs over CelebA's 162,770 training images (for
+   `cache`, 40 epochs plus one fill pass at the fill's measured rate).
 
 Every figure is the median of --repeats timed windows after a warm-up that is not timed, with CUDA
 synchronised before each clock read. A loader's window is one whole epoch, its start included; the
@@ -53,7 +55,7 @@ from pipeline import build_loader, default_workers  # noqa: E402
 
 CELEBA_TRAIN = 162_770
 EPOCHS = 40
-LOADER_NAMES = ("seed", "torch", "torch-cpu-decode", "dali")
+LOADER_NAMES = ("seed", "torch", "torch-cpu-decode", "dali", "cache")
 
 
 def parse_args(argv=None):
@@ -229,9 +231,14 @@ def loader_skip_reason(name, args):
 def make_loader(name, folder, shards, args):
     if name == "seed":
         return seed_loader(folder, args)
-    options = {"gpu_decode": False} if name == "torch-cpu-decode" else {}
-    return build_loader("dali" if name == "dali" else "torch", shards, "train", args.batch_size, args.device,
-                        workers=args.workers, crop=args.crop, **options)
+    options = {"gpu_decode": False} if name == "torch-cpu-decode" else {"source": "torch"} if name == "cache" else {}
+    return build_loader(name if name in ("dali", "cache") else "torch", shards, "train", args.batch_size,
+                        args.device, workers=args.workers, crop=args.crop, **options)
+
+
+def fill_figures(loader) -> dict:
+    """The one fill pass of a `cache` loader: seconds and images/s."""
+    return {"fill_s": loader.cache.seconds, "fill_img_per_s": len(loader.cache) / loader.cache.seconds}
 
 
 # ----------------------------------------------------------------------------- training modes
@@ -304,6 +311,9 @@ def report(results):
     for name, row in results["loaders"].items():
         extra = f"{row['vs_seed']:>7.2f}x" if "vs_seed" in row else f"{'':>8}"
         note = f"  skipped: {row['skipped']}" if "skipped" in row else f"  {row['dtype']}"
+        if "fill_s" in row:
+            note += (f", {row['img_per_s'] / env['batch_size']:,.0f} batches/s; filled once in {row['fill_s']:.1f} s "
+                     f"({row['fill_img_per_s']:,.0f} img/s)")
         lines.append(f"  {name:<38}{fmt_rate(row)}  {extra}{note}")
     lines.append("")
     lines.append(f"{'training step (batches in memory)':<40}{'img/s':>9}  {'ms/step':>8}")
@@ -320,7 +330,8 @@ def report(results):
             continue
         vs = f"{row['vs_seed']:>7.2f}x" if "vs_seed" in row else f"{'':>8}"
         lines.append(f"  {name + ' (' + row['mode'] + ')':<38}{fmt_rate(row)}  {vs}  "
-                     f"{row['fraction_of_ceiling']:>10.0%}  {fmt_duration(row['projected_40_epochs_s'])}")
+                     f"{row['fraction_of_ceiling']:>10.0%}  {fmt_duration(row['projected_40_epochs_s'])}"
+                     + (" (one fill pass included)" if "fill_s" in row else ""))
     return "\n".join(lines)
 
 
@@ -388,6 +399,8 @@ def main(argv=None):
             results["loaders"][name] = run_row(f"loader {name}", lambda: timed(
                 stream, ready, warmup=epoch, steps=epoch, repeats=args.repeats, device=device, fixed=True))
             results["loaders"][name]["dtype"] = "float32" if name == "seed" else "uint8"
+            if name == "cache":
+                results["loaders"][name].update(fill_figures(loader))
             stream.close()
         if "img_per_s" in results["loaders"].get("seed", {}):
             for row in results["loaders"].values():
@@ -423,13 +436,17 @@ def main(argv=None):
                 continue
             mode = "seed" if name == "seed" else "default"
             work = seed_step(device) if name == "seed" else project_step(modes["default"], device)
-            stream = forever(make_loader(name, folder, shards, args))
+            loader = make_loader(name, folder, shards, args)
+            stream = forever(loader)
             row = run_row(f"end to end {name}", lambda: timed(
                 stream, work, warmup=e2e_warmup, steps=args.steps, repeats=args.repeats, device=device))
             stream.close()
             row["mode"] = mode
             row["fraction_of_ceiling"] = row["img_per_s"] / results["train_step"][mode]["img_per_s"]
             row["projected_40_epochs_s"] = EPOCHS * CELEBA_TRAIN / row["img_per_s"]
+            if name == "cache":  # and the one pass that fills it
+                row.update(fill_figures(loader))
+                row["projected_40_epochs_s"] += CELEBA_TRAIN / row["fill_img_per_s"]
             results["end_to_end"][name] = row
         bar.close()
         seed_e2e = results["end_to_end"].get("seed", {}).get("img_per_s")

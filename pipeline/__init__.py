@@ -9,14 +9,19 @@
 `len(loader)` is the number of batches one epoch yields on this rank and `loader.num_samples` the
 number of images. Training splits (`train=True`, the default for "train") shuffle, flip and drop
 the final partial batch; evaluation splits keep every sample exactly once, in a fixed order.
+pipeline/loader.py writes this face down as the `Loader` protocol.
+
+`torch` and `dali` decode the shards every epoch; `cache` decodes them once with one of them
+(`source="torch"` or `"dali"`) into a tensor on the device and serves every epoch from it.
 """
 
 import os
 
 from pipeline.geometry import CROPS, IMAGE_SIZE
-from pipeline.shards import SPLITS, DataError
+from pipeline.shards import SPLITS, DataError, split_size
 
-LOADERS = ("torch", "dali")
+LOADERS = ("torch", "dali")  # the decoding loaders, train.py's --loader
+ALL_LOADERS = (*LOADERS, "cache")
 
 
 def default_workers() -> int:
@@ -27,7 +32,8 @@ def default_workers() -> int:
 def build_loader(name: str, data_path, split: str, batch_size: int, device, *, train: bool | None = None,
                  rank: int = 0, world_size: int = 1, workers: int = 2, seed: int = 0, crop: str = "center",
                  flip: bool | None = None, with_keys: bool = False, **options):
-    """A loader by name; `options` go to that loader (e.g. `gpu_decode` for torch)."""
+    """A loader by name; `options` go to that loader (e.g. `gpu_decode` for torch; for cache, `source`, the
+    loader that fills it, `progress`, and that loader's options)."""
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, not {crop!r}")
     common = dict(train=split == "train" if train is None else train, rank=rank, world_size=world_size,
@@ -38,7 +44,11 @@ def build_loader(name: str, data_path, split: str, batch_size: int, device, *, t
     if name == "dali":
         from pipeline.dali_loader import DaliLoader
         return DaliLoader(data_path, split, batch_size, device, **common)
-    raise ValueError(f"unknown loader {name!r}; choose one of {LOADERS}")
+    if name == "cache":
+        from pipeline.cache import cached_loader
+        return cached_loader(data_path, split, batch_size, device, **common)
+    raise ValueError(f"unknown loader {name!r}; choose one of {ALL_LOADERS}")
 
 
-__all__ = ["build_loader", "default_workers", "LOADERS", "SPLITS", "CROPS", "IMAGE_SIZE", "DataError"]
+__all__ = ["build_loader", "default_workers", "LOADERS", "ALL_LOADERS", "SPLITS", "CROPS", "IMAGE_SIZE", "DataError",
+           "split_size"]

@@ -70,6 +70,27 @@ def split_shards(data_path, split: str) -> list[Shard]:
     return shards
 
 
+def split_size(data_path, split: str) -> int:
+    """Samples in `split`, from the manifest."""
+    return sum(shard.num_samples for shard in split_shards(data_path, split))
+
+
+def stored_keys(shards: list[Shard]) -> list[str]:
+    """The key of every sample, in stored order (the evaluation order), from the shards' `.idx` files."""
+    keys = []
+    for shard in shards:
+        try:
+            rows = [line.split() for line in shard.idx.read_text().splitlines()[1:]]
+        except OSError as exn:
+            raise DataError(f"index {shard.idx} of shard {shard.tar} is unreadable ({exn}); "
+                            "run prep/shard.py again") from exn
+        if len(rows) != shard.num_samples or any(len(row) != 4 for row in rows):
+            raise DataError(f"index {shard.idx} of shard {shard.tar} does not match the manifest; "
+                            "run prep/shard.py again")
+        keys += [row[3].split(".", 1)[0] for row in rows]  # member "<key>.jpg", as webdataset splits it
+    return keys
+
+
 def rank_samples(total: int, rank: int, world_size: int, train: bool) -> tuple[int, int]:
     """The [start, stop) run of the epoch's sample order that `rank` reads."""
     if train:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from model.step import native_bf16_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,22 +37,31 @@ def test_quick_benchmark_reports_every_row(tmp_path):
                 assert len(row.get("runs_img_per_s", [0, 0])) == 2
         return {name for name, row in results[section].items() if "skipped" not in row}
 
-    assert check("loaders", ["seed", "torch", "torch-cpu-decode", "dali"]) == {"seed", "torch", "dali"}
+    names = ["seed", "torch", "torch-cpu-decode", "dali", "cache"]
+    assert check("loaders", names) == {"seed", "torch", "dali", "cache"}
     measured = check("train_step", ["seed", "fp32", "channels_last", "bf16", "fp16", "compile", "bf16+compile",
                                     "compile-cudagraphs", "default"])
     assert measured == {"seed", "fp32", "channels_last", "bf16", "default"}
     # train.py's default on this CPU: bf16 where it has bf16 units, else fp32; channels_last, no compile
     assert results["train_step"]["default"]["same_as"] == ("bf16" if native_bf16_cpu() else "channels_last")
     assert all(results["train_step"][m]["ms_per_step"] > 0 for m in measured)
-    assert check("end_to_end", ["seed", "torch", "torch-cpu-decode", "dali"]) == {"seed", "torch", "dali"}
-    for name in ("seed", "torch", "dali"):
+    assert check("end_to_end", names) == {"seed", "torch", "dali", "cache"}
+    for name in ("seed", "torch", "dali", "cache"):
         row = results["end_to_end"][name]
         assert row["fraction_of_ceiling"] > 0 and row["projected_40_epochs_s"] > 0
         assert row["mode"] == ("seed" if name == "seed" else "default")
+    # The cache's fill is reported apart, and its 40-epoch projection counts one fill pass.
+    for section in ("loaders", "end_to_end"):
+        row = results[section]["cache"]
+        assert row["fill_s"] > 0 and row["fill_img_per_s"] > 0
+    row = results["end_to_end"]["cache"]
+    projected = 40 * 162_770 / row["img_per_s"] + 162_770 / row["fill_img_per_s"]
+    assert row["projected_40_epochs_s"] == pytest.approx(projected)
     assert results["loaders"]["seed"]["vs_seed"] == 1.0
     # the table on stdout carries the same rows
-    for name in ("seed", "torch", "dali", "channels_last", "compile-cudagraphs"):
+    for name in ("seed", "torch", "dali", "cache", "channels_last", "compile-cudagraphs"):
         assert name in result.stdout
+    assert "filled once in " in result.stdout and "(one fill pass included)" in result.stdout
     assert "skipped: " in result.stdout
 
 

@@ -1,4 +1,5 @@
-"""The dali loader, in DALI's CPU-only mode: the torch loader's images, exact epochs, clear errors.
+"""The dali loader, in DALI's CPU-only mode: the torch loader's images, clear errors. Epochs, rank splits
+and flips: tests/test_loader_contract.py.
 
 DALI is imported plainly: CI installs it, so a missing DALI must fail these tests, not skip them.
 """
@@ -7,7 +8,6 @@ import importlib
 import os
 import shutil
 import sys
-from collections import Counter
 
 import nvidia.dali  # noqa: F401
 import numpy as np
@@ -19,7 +19,6 @@ import pipeline
 from pipeline import DataError, build_loader
 from pipeline.geometry import crop_box
 from prep import shard
-from conftest import split_keys
 
 BATCH = 16
 
@@ -28,15 +27,6 @@ BATCH = 16
 def shard_copy(shards, tmp_path):
     """A copy of the session's shards that a test may damage."""
     return shutil.copytree(shards, tmp_path / "shards")
-
-
-def epoch(loader, number):
-    loader.set_epoch(number)
-    batches = list(loader)
-    assert len(batches) == len(loader)
-    keys = [k for _, ks in batches for k in ks]
-    assert loader.num_samples == len(keys)
-    return batches, keys
 
 
 def by_key(loader):
@@ -85,68 +75,6 @@ def test_crop_window_is_crop_box_for_any_frame_size(tmp_path):
                 reference = torch.from_numpy(np.array(full.resize((64, 64), Image.BILINEAR, box=box)))
                 # measured: at most 0.18 per image; the same window one pixel off gives 3.7 or more
                 assert (image.permute(1, 2, 0).float() - reference.float()).abs().mean() < 0.4, (key, full.size)
-
-
-@pytest.mark.parametrize("layout, world_size, batch", [
-    ("shards", 2, BATCH), ("small_shards", 2, BATCH),
-    ("one_shard", 2, BATCH),  # only the seed can reorder a single shard
-    ("small_shards", 3, 13),  # shards of 64, 65 and 65: 5 full batches on two ranks, 4 on the other
-])
-def test_training_epochs_are_exact_on_every_rank(layout, world_size, batch, request):
-    shards = request.getfixturevalue(layout)
-    everything = set(split_keys(shards, "train"))
-    ranks = [build_loader("dali", shards, "train", batch, "cpu", rank=r, world_size=world_size, with_keys=True)
-             for r in range(world_size)]
-    assert len({len(loader) for loader in ranks}) == 1 and len(ranks[0]) > 0, "DDP needs equal steps on every rank"
-    orders = []
-    for number in range(3):
-        per_rank = []
-        for loader in ranks:
-            batches, keys = epoch(loader, number)
-            assert all(images.shape == (batch, 3, 64, 64) for images, _ in batches)  # partial batch dropped
-            per_rank.append(keys)
-        seen = [k for keys in per_rank for k in keys]
-        assert len(seen) == len(set(seen)) and set(seen) <= everything, "no sample twice in an epoch"
-        # What rests out: the remainder of splitting into ranks, then each rank's partial batch.
-        assert len(everything - set(seen)) == len(everything) - world_size * ranks[0].num_samples
-        assert len(everything - set(seen)) < world_size * batch
-        orders.append(per_rank[0])
-    assert orders[0] != orders[1] != orders[2], "training order should change between epochs"
-    again = ranks[0]
-    again.set_epoch(1)
-    assert [k for _, keys in again for k in keys] == orders[1], "the same seed and epoch give the same order"
-
-
-def test_training_flips_are_mirrors_and_repeatable(shards):
-    plain = by_key(build_loader("dali", shards, "train", BATCH, "cpu", train=False, with_keys=True))
-    train = build_loader("dali", shards, "train", BATCH, "cpu", with_keys=True)
-    first, second = by_key(train), by_key(train)
-    mirrored = 0
-    for key, image in first.items():
-        assert torch.equal(image, second[key])  # same seed and epoch: same flips
-        if torch.equal(image, plain[key].flip(-1)):
-            mirrored += 1
-        else:
-            assert torch.equal(image, plain[key])
-    assert 0.25 < mirrored / len(first) < 0.75
-
-
-@pytest.mark.parametrize("layout", ["shards", "small_shards"])
-@pytest.mark.parametrize("split, world_size, batch", [("val", 1, BATCH), ("val", 2, BATCH), ("test", 3, 7),
-                                                       ("train", 3, 8)])
-def test_evaluation_epochs_keep_every_sample_once(layout, split, world_size, batch, request):
-    # ("train", 3, 8) read as evaluation: conftest's 194 training faces make shards of 64, 65, 65, all
-    # padded to 65, so DALI gives rank 0 an empty ninth batch, which the loader must skip and not count.
-    shards = request.getfixturevalue(layout)
-    ranks = [build_loader("dali", shards, split, batch, "cpu", train=False, rank=r, world_size=world_size,
-                          with_keys=True) for r in range(world_size)]
-    next(iter(ranks[0]))  # abandoned halfway, as train.py does for its preview batch
-    first = None
-    for number in range(3):
-        per_rank = [epoch(loader, number)[1] for loader in ranks]
-        assert Counter(k for keys in per_rank for k in keys) == Counter(split_keys(shards, split))
-        assert first is None or per_rank == first, "evaluation order is fixed"
-        first = per_rank
 
 
 def test_missing_dali_says_how_to_install_it(shards, monkeypatch):
@@ -222,8 +150,3 @@ def test_cuda_batches_match_the_cpu_pipeline(shards):
     # nvJPEG and libjpeg-turbo differ in their IDCT: expect about a unit, not equality (not yet measured).
     diffs = [(gpu[k].cpu().float() - cpu[k].float()).abs().mean().item() for k in gpu]
     assert np.mean(diffs) < 3
-
-
-def test_a_split_too_small_for_one_training_batch_yields_nothing(shards):
-    loader = build_loader("dali", shards, "val", 1000, "cpu", train=True)
-    assert len(loader) == loader.num_samples == 0 and list(loader) == []

@@ -1,94 +1,14 @@
-"""The torch loader: exact epochs, rank splits, geometry and flips."""
+"""The torch loader: geometry and decoding. Epochs, rank splits and flips: tests/test_loader_contract.py."""
 
 import io
-from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pipeline import build_loader
 from pipeline.geometry import crop_box
 from pipeline.torch_loader import decode_plan, decode_resized
-from conftest import split_keys
-
-BATCH = 16
-
-
-def epoch_keys(loader, epoch):
-    loader.set_epoch(epoch)
-    batches = list(loader)
-    assert len(batches) == len(loader)
-    return batches, [k for _, keys in batches for k in keys]
-
-
-@pytest.mark.parametrize("workers", [0, 1, 3])
-@pytest.mark.parametrize("layout", ["shards", "small_shards"])
-def test_training_epochs_see_each_sample_once(layout, workers, request):
-    shards = request.getfixturevalue(layout)
-    everything = set(split_keys(shards, "train"))
-    loader = build_loader("torch", shards, "train", BATCH, "cpu", workers=workers, with_keys=True)
-    assert loader.num_samples == len(everything) // BATCH * BATCH
-    orders = []
-    for epoch in range(2):
-        batches, keys = epoch_keys(loader, epoch)
-        assert all(images.shape == (BATCH, 3, 64, 64) for images, _ in batches)  # the partial batch is dropped
-        assert len(keys) == len(set(keys)) == loader.num_samples
-        assert set(keys) <= everything and len(everything - set(keys)) < BATCH
-        orders.append(keys)
-    assert orders[0] != orders[1], "training order should change between epochs"
-    _, again = epoch_keys(loader, 1)
-    assert again == orders[1], "the same seed and epoch should give the same order"
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("split", ["val", "test"])
-def test_evaluation_epochs_keep_every_sample_in_a_fixed_order(small_shards, split, workers):
-    loader = build_loader("torch", small_shards, split, BATCH, "cpu", workers=workers, with_keys=True)
-    _, keys = epoch_keys(loader, 0)
-    assert Counter(keys) == Counter(split_keys(small_shards, split))
-    assert loader.num_samples == len(keys)
-    assert epoch_keys(loader, 3)[1] == keys
-
-
-@pytest.mark.parametrize("split", ["train", "val"])
-def test_two_ranks_split_the_data_without_overlap(small_shards, split):
-    everything = set(split_keys(small_shards, split))
-    ranks = [build_loader("torch", small_shards, split, BATCH, "cpu", rank=r, world_size=2, workers=2,
-                          with_keys=True) for r in range(2)]
-    for epoch in range(2):
-        per_rank = [epoch_keys(loader, epoch)[1] for loader in ranks]
-        assert not set(per_rank[0]) & set(per_rank[1])
-        union = set(per_rank[0]) | set(per_rank[1])
-        if split == "train":
-            assert len(ranks[0]) == len(ranks[1]), "DDP needs the same number of steps on every rank"
-            assert len(everything - union) < 2 * BATCH + 2
-        else:
-            assert sum(map(len, per_rank)) == len(union) == len(everything) and union == everything
-
-
-def test_batches_are_uint8_channels_last(shards):
-    images = next(iter(build_loader("torch", shards, "val", BATCH, "cpu", workers=0)))
-    assert images.dtype == torch.uint8 and images.shape == (BATCH, 3, 64, 64)
-    assert images.is_contiguous(memory_format=torch.channels_last)
-    assert images.float().std() > 10  # real pictures, not a constant fill
-
-
-def test_flips_mirror_some_training_images_and_nothing_else(shards):
-    plain = build_loader("torch", shards, "train", BATCH, "cpu", workers=0, flip=False, with_keys=True)
-    flipped = build_loader("torch", shards, "train", BATCH, "cpu", workers=0, flip=True, with_keys=True)
-    originals = {k: im for images, keys in plain for k, im in zip(keys, images)}
-    mirrored = 0
-    for images, keys in flipped:
-        for key, image in zip(keys, images):
-            if key not in originals:
-                continue
-            if torch.equal(image, originals[key].flip(-1)):
-                mirrored += 1
-            else:
-                assert torch.equal(image, originals[key])
-    assert 0.25 < mirrored / len(originals) < 0.75
 
 
 def test_center_crop_is_celeba_protocol():

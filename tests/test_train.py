@@ -41,8 +41,9 @@ def metrics(out):
 
 @pytest.fixture(scope="module")
 def trained(shards, tmp_path_factory):
+    """Three epochs streamed from the torch loader."""
     out = tmp_path_factory.mktemp("run")
-    assert run(shards, out, "--epochs", "3") == 0
+    assert run(shards, out, "--epochs", "3", "--cache", "off") == 0
     return out
 
 
@@ -75,15 +76,58 @@ def test_seed_readme_snippet_loads_the_weights(trained):
     assert all(t.device.type == "cpu" for t in weights.values())
 
 
+def same_weights(a, b):
+    a, b = torch.load(a / "vae_celeba.pth"), torch.load(b / "vae_celeba.pth")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(shards, tmp_path):
-    assert run(shards, tmp_path / "straight", "--epochs", "2", "--seed", "3") == 0
-    assert run(shards, tmp_path / "resumed", "--epochs", "1", "--seed", "3") == 0
-    assert run(shards, tmp_path / "resumed", "--epochs", "2", "--seed", "3", "--resume") == 0
-    a = torch.load(tmp_path / "straight" / "vae_celeba.pth")
-    b = torch.load(tmp_path / "resumed" / "vae_celeba.pth")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert run(shards, tmp_path / "straight", "--epochs", "2", "--seed", "3", "--cache", "off") == 0
+    assert run(shards, tmp_path / "resumed", "--epochs", "1", "--seed", "3", "--cache", "off") == 0
+    assert run(shards, tmp_path / "resumed", "--epochs", "2", "--seed", "3", "--cache", "off", "--resume") == 0
+    assert same_weights(tmp_path / "straight", tmp_path / "resumed")
     assert [r["epoch"] for r in metrics(tmp_path / "resumed")] == [1, 2]
+
+
+def test_resume_with_the_cache_gives_the_same_weights_as_an_uninterrupted_run(shards, tmp_path, capsys):
+    assert run(shards, tmp_path / "straight", "--epochs", "2", "--seed", "3", "--cache", "on") == 0
+    assert run(shards, tmp_path / "resumed", "--epochs", "1", "--seed", "3", "--cache", "on") == 0
+    capsys.readouterr()
+    # --cache auto, the default, would stream a single remaining epoch; resuming, it keeps the cache.
+    assert run(shards, tmp_path / "resumed", "--epochs", "2", "--seed", "3", "--resume") == 0
+    assert capsys.readouterr().out.startswith("cache on (the run being resumed used it")
+    assert same_weights(tmp_path / "straight", tmp_path / "resumed")
+    assert [r["epoch"] for r in metrics(tmp_path / "resumed")] == [1, 2]
+
+
+def test_the_cache_trains_and_writes_the_same_outputs(shards, trained, tmp_path, capsys):
+    capsys.readouterr()
+    assert run(shards, tmp_path, "--epochs", "3") == 0  # --cache auto: 3 epochs of a small split
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("cache on (3 epochs to run): train 2.4 MB + val 294.9 kB in RAM")
+    assert lines[1].startswith("cached train: 194 images in ") and lines[2].startswith("cached val: 24 images in ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in trained.iterdir())
+    rows, streamed = metrics(tmp_path), metrics(trained)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] and rows[-1]["val_loss"] < rows[0]["val_loss"]
+    # The same images in another order: a cache that served wrong pixels would land far from the streamed run.
+    assert rows[-1]["val_loss"] == pytest.approx(streamed[-1]["val_loss"], rel=0.05)
+
+
+def test_cache_on_that_does_not_fit_is_one_line(shards, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("pipeline.cache.MEMORY_FRACTION", 1e-9)  # a budget of a few bytes
+    assert train.run(["--data-path", str(shards), "--output-dir", str(tmp_path), *FAST, "--cache", "on"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --cache on: the train split needs 2.4 MB, more than the cache may take ")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cache_auto_streams_when_it_does_not_fit_and_says_so(shards, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("pipeline.cache.MEMORY_FRACTION", 1e-9)
+    assert run(shards, tmp_path, "--epochs", "2") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("cache off: the train split needs 2.4 MB, more than the cache may take ")
+    assert "cached" not in out and [r["epoch"] for r in metrics(tmp_path)] == [1, 2]
 
 
 def test_a_diverging_loss_stops_with_a_clear_message(shards, tmp_path):
@@ -126,12 +170,13 @@ def test_help_explains_every_flag():
     result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0
     for flag in ("--data-path", "--loader", "--epochs", "--batch-size", "--lr", "--beta", "--z-dim", "--workers",
-                 "--device", "--amp", "--channels-last", "--compile", "--crop", "--output-dir", "--resume", "--seed"):
+                 "--device", "--amp", "--channels-last", "--compile", "--crop", "--output-dir", "--resume", "--seed",
+                 "--cache"):
         assert flag in result.stdout
 
 
 def test_dali_loader_trains_and_writes_the_same_outputs(shards, trained, tmp_path):
-    assert run(shards, tmp_path, "--loader", "dali", "--epochs", "3") == 0
+    assert run(shards, tmp_path, "--loader", "dali", "--epochs", "3", "--cache", "off") == 0
     made = sorted(p.name for p in tmp_path.iterdir())
     assert made == sorted(p.name for p in trained.iterdir())
     rows, torch_rows = metrics(tmp_path), metrics(trained)
