@@ -95,7 +95,7 @@ def test_resume_with_the_cache_gives_the_same_weights_as_an_uninterrupted_run(sh
     capsys.readouterr()
     # --cache auto, the default, would stream a single remaining epoch; resuming, it keeps the cache.
     assert run(shards, tmp_path / "resumed", "--epochs", "2", "--seed", "3", "--resume") == 0
-    assert capsys.readouterr().out.startswith("cache on (the run being resumed used it")
+    assert capsys.readouterr().out.splitlines()[1].startswith("cache on (the run being resumed used it")
     assert same_weights(tmp_path / "straight", tmp_path / "resumed")
     assert [r["epoch"] for r in metrics(tmp_path / "resumed")] == [1, 2]
 
@@ -103,7 +103,7 @@ def test_resume_with_the_cache_gives_the_same_weights_as_an_uninterrupted_run(sh
 def test_the_cache_trains_and_writes_the_same_outputs(shards, trained, tmp_path, capsys):
     capsys.readouterr()
     assert run(shards, tmp_path, "--epochs", "3") == 0  # --cache auto: 3 epochs of a small split
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()[1:]  # after the device line
     assert lines[0].startswith("cache on (3 epochs to run): train 2.4 MB + val 294.9 kB in RAM")
     assert lines[1].startswith("cached train: 194 images in ") and lines[2].startswith("cached val: 24 images in ")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in trained.iterdir())
@@ -126,7 +126,7 @@ def test_cache_auto_streams_when_it_does_not_fit_and_says_so(shards, tmp_path, m
     monkeypatch.setattr("pipeline.cache.MEMORY_FRACTION", 1e-9)
     assert run(shards, tmp_path, "--epochs", "2") == 0
     out = capsys.readouterr().out
-    assert out.startswith("cache off: the train split needs 2.4 MB, more than the cache may take ")
+    assert out.splitlines()[1].startswith("cache off: the train split needs 2.4 MB, more than the cache may take ")
     assert "cached" not in out and [r["epoch"] for r in metrics(tmp_path)] == [1, 2]
 
 
