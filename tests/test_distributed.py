@@ -1,9 +1,9 @@
 """train.py under torchrun on the CPU (gloo): two processes, two "nodes" through a c10d rendezvous,
 --resume, and ranks that fail or stop answering.
 
-Each launch is a real `python -m torch.distributed.run ...` in its own session, so that a launch
-that outlives its deadline is killed with every process it started. Every rank uses one CPU thread:
-the thread count changes the order of float sums, and the comparisons here are bit-exact.
+Each launch is a real `python -m torch.distributed.run ...`; one that outlives its deadline is
+killed with every process it started. Runs whose results are compared give every rank one CPU
+thread: the thread count changes the order of float sums, and the comparisons are bit-exact.
 """
 
 import json
@@ -89,7 +89,7 @@ class Launch:
         self.log, self.started = log, time.monotonic()
         with open(log, "w") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, **(env or {})})
+                                         env=os.environ if env is None else env)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -305,7 +305,8 @@ def test_two_nodes_train_like_two_processes_on_one(probed_runs, shards, tmp_path
     for node in (0, 1):  # each node keeps its outputs in its own folder, as on separate disks
         flags = ["--data-path", str(shards), "--output-dir", str(tmp_path / f"node{node}"), *FLAGS, *CASES["torch"]]
         # One thread each from OMP_NUM_THREADS: torchrun with one process per node leaves it as set.
-        nodes.append(launches(node_of_two(port, *flags), tmp_path / f"node{node}.log", env={"OMP_NUM_THREADS": "1"}))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        nodes.append(launches(node_of_two(port, *flags), tmp_path / f"node{node}.log", env=env))
     logs = [node.finished() for node in nodes]
     # Global rank 0 goes to whichever node joins first: it alone prints and writes.
     (master,) = [node for node in (0, 1) if "wrote " in logs[node]]

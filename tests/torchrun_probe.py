@@ -50,15 +50,18 @@ class KeyRecorder:
             f.write(json.dumps({"split": self.split, "epoch": self.epoch, "batches": batches}) + "\n")
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def install(probe: Path) -> None:
     probe.mkdir(parents=True, exist_ok=True)
-    rank = lambda: dist.get_rank() if dist.is_initialized() else 0  # noqa: E731
     real_build_loaders, real_evaluate, real_save_checkpoint = train.build_loaders, train.evaluate, train.save_checkpoint
     evaluations = []
 
-    def build_loaders(args, device, rank_, world_size, **options):
-        loaders = real_build_loaders(args, device, rank_, world_size, **options, with_keys=True)
-        return tuple(KeyRecorder(loader, split, probe / f"keys-rank{rank_}.jsonl")
+    def build_loaders(args, device, rank, world_size, **options):
+        loaders = real_build_loaders(args, device, rank, world_size, **options, with_keys=True)
+        return tuple(KeyRecorder(loader, split, probe / f"keys-rank{rank}.jsonl")
                      for loader, split in zip(loaders, ("train", "val")))
 
     def evaluate(model, *args, **kwargs):
