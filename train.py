@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("-j", "--workers", type=int, default=None, help="loader processes (torch) or threads (dali); "
                    "None: min(8, CPU cores - 1), at least 1")
     p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (CUDA when present); "
-                   "under torchrun each process takes cuda:LOCAL_RANK, or the CPU")
+                   "under torchrun, CUDA is cuda:LOCAL_RANK for each process")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision: auto is "
                    "bf16 on CUDA and off on CPU, where bf16 is much slower; fp16 uses a GradScaler")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -296,10 +296,10 @@ def main(args):
     if ddp:
         dist.all_gather_object(threads, threads[rank])
     if master:
-        uses = f"CPU threads {threads[0]}" + (" per process" if ddp else "") if len(set(threads)) == 1 else (
-            f"CPU threads {threads} by rank")
+        uses = f"CPU threads {threads[0]}"
         if ddp:
-            uses = f"{world_size} processes ({dist.get_backend()}), {uses}"
+            each = f"{threads[0]} per process" if len(set(threads)) == 1 else f"{threads} by rank"
+            uses = f"{world_size} processes ({dist.get_backend()}), CPU threads {each}"
         print(f"{args.loader} loader: {train_loader.num_samples * world_size} training images per epoch, "
               f"{len(train_loader)} steps of {args.batch_size} x {world_size} | device {device}, amp {amp}, "
               f"compile {'on' if use_compile else 'off'}, channels_last {'on' if args.channels_last else 'off'} | "

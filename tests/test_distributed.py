@@ -377,3 +377,11 @@ def test_thread_count_per_rank():
     assert train.cpu_threads(None, 2, {"OMP_NUM_THREADS": "1"}) == max(1, cores // 2)  # torchrun's default
     assert train.cpu_threads(None, 2, {}) == max(1, cores // 2)
     assert train.cpu_threads(None, 4 * cores, {}) == 1
+
+
+def test_help_explains_the_distributed_flags(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--threads THREADS CPU threads per process" in text and "torchrun's own OMP_NUM_THREADS=1" in text
+    assert "--dist-timeout DIST_TIMEOUT under torchrun: seconds a rank waits" in text and "(default: 300" in text
