@@ -15,8 +15,10 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--z-dim", type=int, default=128, help="latent dimensions")
     p.add_argument("-j", "--workers", type=int, default=default_workers(),
                    help="loader processes (torch) or threads (dali); the default is min(8, CPU cores - 1), at least 1")
-    p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (CUDA when present)")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (CUDA when present); "
+                   "under torchrun, CUDA is cuda:LOCAL_RANK for each process")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision: auto is "
                    "bf16 on CUDA and on CPUs with bf16 units (avx512_bf16 or AMX), off on other CPUs, where bf16 is "
                    "emulated and slower; fp16 uses a GradScaler")
@@ -76,6 +79,11 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint (given without a path: OUTPUT_DIR/checkpoint.pt)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order, flips and sampling")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process; None: torch's default "
+                   "(OMP_NUM_THREADS, else every core), and under torchrun with several processes on a machine "
+                   "its cores divided among them, where torchrun's own OMP_NUM_THREADS=1 counts as unset")
+    p.add_argument("--dist-timeout", type=float, default=300, help="under torchrun: seconds a rank waits for the "
+                   "others in a collective (a gradient all-reduce, a metric sum) before the job stops with an error")
     args = p.parse_args(argv)
     if args.resume == "":
         args.resume = str(Path(args.output_dir) / "checkpoint.pt")
@@ -86,12 +94,35 @@ class TrainingError(RuntimeError):
     """Stops training with a message for the user rather than a traceback."""
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_threads(requested: int | None, local_world_size: int, env=os.environ) -> int | None:
+    """Threads for this process's CPU ops, or None to keep torch's default (OMP_NUM_THREADS, else every core).
+
+    torchrun sets OMP_NUM_THREADS=1 for every process when it starts several on a machine and the
+    variable was unset, which leaves all but a few cores idle when training on the CPU. Its 1 cannot
+    be told from a user's, so with several local processes OMP_NUM_THREADS=1 counts as unset and the
+    cores are divided among the processes; --threads 1 forces one thread."""
+    if requested:
+        return requested
+    if local_world_size > 1 and env.get("OMP_NUM_THREADS", "1") == "1":
+        return max(1, usable_cores() // local_world_size)
+    return None
+
+
 def setup_device(args):
     """(device, rank, world_size): several processes under torchrun, one GPU each; else one process."""
+    threads = cpu_threads(args.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if threads:
+        torch.set_num_threads(threads)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+        # Every collective gives up after --dist-timeout: a rank that died or hangs ends the job, not a wait.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.dist_timeout))
         rank, world_size = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu")
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
     else:
         rank, world_size = 0, 1
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -222,6 +253,24 @@ def save_samples(model, z_dim: int, seed: int, device, path: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def build_loaders(args, device, rank: int, world_size: int, cached=(), **options):
+    """This rank's train and val loaders, served from the resident cache for the splits in `cached`;
+    `options` go to build_loader (the tests ask for keys)."""
+    master = rank == 0
+
+    def loader(split):
+        name, extra = ("cache", dict(source=args.loader, progress=master)) if split in cached else (args.loader, {})
+        made = build_loader(name, args.data_path, split, args.batch_size, device, rank=rank,
+                            world_size=world_size, workers=args.workers, seed=args.seed, crop=args.crop,
+                            flip=args.flip if split == "train" else False, **extra, **options)
+        if master and split in cached:
+            n, seconds = len(made.cache), made.cache.seconds
+            print(f"cached {split}: {n:,} images in {seconds:.1f} s, {n / seconds:,.0f} images/s")
+        return made
+
+    return loader("train"), loader("val")
+
+
 def main(args):
     device, rank, world_size = setup_device(args)
     ddp, master = world_size > 1, rank == 0
@@ -230,9 +279,16 @@ def main(args):
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
+    threads = [torch.get_num_threads()] * world_size
+    if ddp:
+        dist.all_gather_object(threads, threads[rank])
     if master:  # the first line of a run: what runs where, and why where it was chosen for the user
+        uses = f"CPU threads {threads[0]}"
+        if ddp:
+            each = f"{threads[0]} per process" if len(set(threads)) == 1 else f"{threads} by rank"
+            uses = f"{world_size} processes ({dist.get_backend()}), CPU threads {each}"
         print(f"device {device} | amp {amp} ({amp_why}) | compile {'on' if use_compile else 'off'} | "
-              f"channels_last {'on' if args.channels_last else 'off'}")
+              f"channels_last {'on' if args.channels_last else 'off'} | {uses}")
 
     # ------------------------------------------------------------------------- data
     done, resumed_cache = 0, None
@@ -249,17 +305,7 @@ def main(args):
     if master:
         print(why)
 
-    def loader(split):
-        name, options = ("cache", dict(source=args.loader, progress=master)) if split in cached else (args.loader, {})
-        made = build_loader(name, args.data_path, split, args.batch_size, device, rank=rank,
-                            world_size=world_size, workers=args.workers, seed=args.seed, crop=args.crop,
-                            flip=args.flip if split == "train" else False, **options)
-        if master and split in cached:
-            n, seconds = len(made.cache), made.cache.seconds
-            print(f"cached {split}: {n:,} images in {seconds:.1f} s, {n / seconds:,.0f} images/s")
-        return made
-
-    train_loader, val_loader = loader("train"), loader("val")
+    train_loader, val_loader = build_loaders(args, device, rank, world_size, cached)
     if len(train_loader) == 0:
         raise TrainingError(f"{args.data_path}: the train split has {train_loader.num_samples} images per rank, "
                             f"fewer than one batch of {args.batch_size}; lower --batch-size or add images")
@@ -317,12 +363,28 @@ def main(args):
     return 0
 
 
+def lost_contact(exn: Exception) -> str | None:
+    """Why a collective failed, in one line, when it failed because another rank died or stopped answering."""
+    if not dist.is_initialized() or not (isinstance(exn, dist.DistError) or "gloo/transport" in str(exn)):
+        return None
+    first = re.sub(r"^\[[^\]]*\]\s*", "", str(exn).strip().splitlines()[0])  # gloo's "[source.cc:line] "
+    return first.split(". ")[0]
+
+
 def run(argv=None) -> int:
     """main() on parsed flags, with data and training errors as one line on stderr and exit code 1."""
     try:
         return main(parse_args(argv))
     except (DataError, TrainingError) as exn:
         print(f"error: {exn}", file=sys.stderr)
+        return 1
+    except RuntimeError as exn:
+        reason = lost_contact(exn)
+        if reason is None:
+            raise
+        # The rank that failed prints its own error; this one only says why it stopped too.
+        print(f"error: rank {dist.get_rank()} lost the other ranks ({reason}): another rank stopped with an error, "
+              f"or stopped answering for --dist-timeout seconds", file=sys.stderr)
         return 1
 
 
