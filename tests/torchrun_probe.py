@@ -59,8 +59,8 @@ def install(probe: Path) -> None:
     real_build_loaders, real_evaluate, real_save_checkpoint = train.build_loaders, train.evaluate, train.save_checkpoint
     evaluations = []
 
-    def build_loaders(args, device, rank, world_size, **options):
-        loaders = real_build_loaders(args, device, rank, world_size, **options, with_keys=True)
+    def build_loaders(args, device, rank, world_size, *more, **options):
+        loaders = real_build_loaders(args, device, rank, world_size, *more, **options, with_keys=True)
         return tuple(KeyRecorder(loader, split, probe / f"keys-rank{rank}.jsonl")
                      for loader, split in zip(loaders, ("train", "val")))
 
