@@ -36,7 +36,7 @@ def int_at_least(low: int, high: int | None = None):
     def parse(text: str) -> int:
         value = _number(text, int)
         if value < low or (high is not None and value > high):
-            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
             raise argparse.ArgumentTypeError(f"must be a whole number {bound}, not {text}")
         return value
     return parse

@@ -54,7 +54,21 @@ def load_manifest(data_path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exn:
-        raise DataError(f"{path} is not a readable manifest ({exn}); run prep/shard.py again") from exn
+        raise DataError(f"{path} is not a readable manifest ({exn}); {rebuild_hint(data_path)}") from exn
+
+
+def rebuild_hint(data_path) -> str:
+    """The command that checks the shards in `data_path` and rebuilds the damaged ones from their JPEGs."""
+    data_path = Path(data_path)
+    try:
+        source = Path(json.loads((data_path / MANIFEST).read_text())["source"])
+    except (OSError, ValueError, KeyError, TypeError):  # no manifest to say where the JPEGs are
+        return (f"run `python prep/shard.py --data-path JPEG_FOLDER --output-dir {data_path}` to make the "
+                f"shards again from their JPEGs")
+    command = f"python prep/shard.py --data-path {source}"
+    if data_path.resolve() != (source.parent / "shards").resolve():  # not prep/shard.py's default
+        command += f" --output-dir {data_path}"
+    return f"run `{command} --verify` to rebuild the damaged shards"
 
 
 def split_shards(data_path, split: str) -> list[Shard]:
@@ -64,9 +78,13 @@ def split_shards(data_path, split: str) -> list[Shard]:
     if not entry or not entry["shards"]:
         raise DataError(f"{data_path / MANIFEST} has no samples in split '{split}'")
     shards = [Shard(data_path / s["tar"], data_path / s["idx"], s["num_samples"]) for s in entry["shards"]]
-    for shard in shards:
+    for shard, record in zip(shards, entry["shards"]):
         if not shard.tar.is_file():
-            raise DataError(f"shard {shard.tar} is listed in the manifest but missing; run prep/shard.py again")
+            raise DataError(f"shard {shard.tar} is listed in the manifest but missing; {rebuild_hint(data_path)}")
+        size = shard.tar.stat().st_size
+        if size != record.get("bytes", size):  # a stat per shard finds truncation before an epoch does
+            raise DataError(f"shard {shard.tar} has {size} bytes but the manifest says {record['bytes']}: it is "
+                            f"truncated or was changed; {rebuild_hint(data_path)}")
     return shards
 
 
