@@ -8,6 +8,7 @@ samples rest out an epoch); evaluation gives every sample to exactly one rank.
 
 import json
 import random
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,17 +59,19 @@ def load_manifest(data_path) -> dict:
 
 
 def rebuild_hint(data_path) -> str:
-    """The command that checks the shards in `data_path` and rebuilds the damaged ones from their JPEGs."""
+    """The command that checks the shards in `data_path` and rebuilds the damaged ones from their JPEGs,
+    with the flags prep/shard.py recorded in the manifest (its plan must match for it to repair)."""
     data_path = Path(data_path)
     try:
-        source = Path(json.loads((data_path / MANIFEST).read_text())["source"])
-    except (OSError, ValueError, KeyError, TypeError):  # no manifest to say where the JPEGs are
-        return (f"run `python prep/shard.py --data-path JPEG_FOLDER --output-dir {data_path}` to make the "
-                f"shards again from their JPEGs")
-    command = f"python prep/shard.py --data-path {source}"
+        manifest = json.loads((data_path / MANIFEST).read_text())
+        flags = manifest.get("rebuild") or ["--data-path", manifest["source"]]
+        source = Path(flags[flags.index("--data-path") + 1])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no manifest to say how they were made
+        return (f"run `python prep/shard.py --data-path JPEG_FOLDER --output-dir {shlex.quote(str(data_path))}` "
+                f"to make the shards again from their JPEGs")
     if data_path.resolve() != (source.parent / "shards").resolve():  # not prep/shard.py's default
-        command += f" --output-dir {data_path}"
-    return f"run `{command} --verify` to rebuild the damaged shards"
+        flags = [*flags, "--output-dir", str(data_path)]
+    return f"run `python prep/shard.py {shlex.join(flags)} --verify` to rebuild the damaged shards"
 
 
 def split_shards(data_path, split: str) -> list[Shard]:

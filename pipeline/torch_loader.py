@@ -21,6 +21,7 @@ import random
 import tarfile
 from fractions import Fraction
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import simplejpeg
@@ -161,7 +162,7 @@ class ShardStream(IterableDataset):
                     decode_crop(sample["jpg"], self.crop)
                 except (OSError, ValueError, KeyError) as exn:
                     raise DataError(f"sample {sample['__key__']} in {sample['__url__']} does not decode "
-                                    f"({exn})") from exn
+                                    f"({exn}); {rebuild_hint(Path(sample['__url__']).parent)}") from exn
             raise
         flipped = [i for i, flip in enumerate(flips) if flip]
         images[flipped] = images[flipped].flip(2)

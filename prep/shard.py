@@ -55,7 +55,7 @@ GET_CELEBA = (
 )
 
 
-def parse_args(argv=None):
+def parser():
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", type=Path, default=None,
                    help="folder of JPEGs laid out like img_align_celeba (default: dataset/celeba/img_align_celeba, "
@@ -80,7 +80,11 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild every shard, also over shards that an earlier run made from other inputs or options")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = parser().parse_args(argv)
     if args.data_path is None:
         args.data_path = Path("dataset/synthetic/img_align_celeba" if args.synthetic else "dataset/celeba/img_align_celeba")
     if args.output_dir is None:
@@ -88,6 +92,19 @@ def parse_args(argv=None):
     if args.partition_file is None and (args.data_path.parent / PARTITION_FILE).is_file():
         args.partition_file = args.data_path.parent / PARTITION_FILE
     return args
+
+
+def rebuild_flags(args, partition_used: bool) -> list[str]:
+    """The flags that make this plan again from the same JPEGs, all but --output-dir: the manifest keeps them
+    so that a loader finding a damaged shard can name the command that rebuilds it."""
+    flags = ["--data-path", str(args.data_path.resolve())]
+    defaults = parser()
+    for name in ("shard_size", "seed", "quality"):
+        if getattr(args, name) != defaults.get_default(name):
+            flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if partition_used and args.partition_file.resolve() != (args.data_path.parent / PARTITION_FILE).resolve():
+        flags += ["--partition-file", str(args.partition_file.resolve())]
+    return flags
 
 
 def fail(message: str):
@@ -484,6 +501,7 @@ def main(argv=None):
         "source": str(args.data_path.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "plan": plan_id, "options": options, "num_samples": sum(s["num_samples"] for s in splits.values()),
         "splits": splits, "skipped": skipped, "reencoded": reencoded,
+        "rebuild": rebuild_flags(args, partition is not None),
     }
     write_manifest(manifest_path, manifest)
     journal_path.unlink()
