@@ -25,7 +25,6 @@ from PIL import Image
 import train
 from conftest import make_shards
 from model import checkpoint
-from pipeline import cli
 from prep import shard
 
 ROOT = Path(__file__).resolve().parents[1]
