@@ -395,13 +395,17 @@ def main(args):
 
 def run(argv=None) -> int:
     """main() on parsed flags, with data, checkpoint and training errors as one line on stderr and exit code 1."""
+    args = parse_args(argv)
     try:
-        return main(parse_args(argv))
+        return main(args)
     except (DataError, TrainingError, CheckpointError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # before the first epoch: nothing to keep
-        print("\ninterrupted before training started; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the epochs, which main() handles itself
+        saved = Path(args.output_dir) / CHECKPOINT
+        print(f"\ninterrupted; {saved} holds the last whole epoch: continue with the same command and --resume"
+              if saved.exists() else "\ninterrupted before an epoch was saved: run the same command again",
+              file=sys.stderr)
         return 130
 
 

@@ -1,9 +1,10 @@
 """Training checkpoints that a crash, Ctrl-C, a full disk or a damaged file cannot take away.
 
-save_checkpoint writes `checkpoint.pt.tmp`, reads it back and compares it with what it meant to
-write, then rotates: the old `checkpoint.pt` becomes `checkpoint.prev.pt` and the new file takes
-its name, each step an atomic rename. A failure at any point leaves the last good checkpoint as it
-was. Each checkpoint carries a SHA-256 digest of its contents, because torch.load does not notice
+save_checkpoint writes `checkpoint.pt.tmp`, syncs it, reads it back and compares it with what it
+meant to write, then rotates: the old `checkpoint.pt` becomes `checkpoint.prev.pt` and the new file
+takes its name, each step an atomic rename (the old file is linked as the previous one before the
+new one replaces it, so `checkpoint.pt` names a whole checkpoint at every moment). A failure at any
+point leaves the last good checkpoint as it was. Each checkpoint carries a SHA-256 digest of its contents, because torch.load does not notice
 flipped bytes inside tensor data: load_checkpoint checks it, and falls back to the previous
 checkpoint when the newest one is missing, unreadable or damaged.
 
@@ -47,10 +48,10 @@ def digest(state) -> str:
     def walk(x):
         if isinstance(x, torch.Tensor):
             h.update(f"tensor {x.dtype} {tuple(x.shape)}\n".encode())
-            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         elif isinstance(x, np.ndarray):
             h.update(f"array {x.dtype} {x.shape}\n".encode())
-            h.update(np.ascontiguousarray(x).tobytes())
+            h.update(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
         elif isinstance(x, dict):
             h.update(f"dict {len(x)}\n".encode())
             for key, value in x.items():

@@ -603,7 +603,8 @@ def test_overwrite_rebuilds_every_shard(faces_dir, tmp_path):
     assert run_shard(data, out, "--shard-size", 10, "--overwrite") == 0
     after = snapshot(out)
     tars = [n for n in before if n.endswith(".tar")]
-    assert tars and all(after[n][0] != before[n][0] for n in tars), "a shard was not written again"
+    # (inode, mtime): a freed inode can be reused by the file that replaces it
+    assert tars and all(after[n][:2] != before[n][:2] for n in tars), "a shard was not written again"
     assert all(after[n][2] == before[n][2] for n in tars)
 
 
