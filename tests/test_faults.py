@@ -310,3 +310,12 @@ def test_a_damaged_shard_is_one_line_after_the_bar_and_its_hint_repairs_it(tiny,
     assert shard.main(shlex.split(command)[1:] + ["--quiet", "--workers", "2"]) == 0
     assert tar.read_bytes() == (tiny / "train-000000.tar").read_bytes()
     assert train_run(shards, tmp_path / "out", "--epochs", "1", "--overwrite") == 0
+
+
+def test_ctrl_c_before_the_first_epoch_writes_nothing(tiny, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "build_loader", interrupted)
+    assert train_run(tiny, tmp_path / "out", "--epochs", "1") == 130
+    assert capsys.readouterr().err.strip() == "interrupted before an epoch was saved: run the same command again"
+    assert not (tmp_path / "out").exists()
