@@ -6,8 +6,10 @@
 Reads top to bottom: config, checkpoints, one epoch of training, evaluation and pictures, then
 main(), the epoch loop. Writes into --output-dir: reconstructions_epoch{n}.png,
 generated_samples.png, vae_celeba.pth (a plain CPU state_dict that
-`VariationalAutoEncoder(z_dim=128).load_state_dict(torch.load(...))` takes), checkpoint.pt
-(resumable, rewritten atomically after each epoch) and metrics.jsonl (one line per epoch).
+`VariationalAutoEncoder(z_dim=128).load_state_dict(torch.load(...))` takes), checkpoint.pt and
+checkpoint.prev.pt (resumable: the newest and the one before, rotated after each epoch) and
+metrics.jsonl (one line per epoch). It refuses to start in a folder that holds another run unless
+told to --resume it or to --overwrite it.
 """
 
 import argparse
@@ -29,11 +31,15 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from model import BETA, VariationalAutoEncoder, VAELoss, vae_loss
+from model.checkpoint import (CheckpointError, load_checkpoint, previous, restore_checkpoint, save_checkpoint,
+                              save_weights, setting_changes, settings_of)
 from model.step import TrainStep, default_compile, resolve_amp
-from pipeline import CROPS, LOADERS, DataError, build_loader, default_workers, split_size
+from pipeline import CROPS, LOADERS, DataError, build_loader, cli, default_workers, split_size
 from pipeline.cache import CACHE_MODES, MEMORY_FRACTION, plan as plan_cache
+from pipeline.shards import split_shards
 
 LOG_EVERY = 25  # steps between host syncs: reading the loss forces the GPU to catch up
+CHECKPOINT, WEIGHTS, METRICS = "checkpoint.pt", "vae_celeba.pth", "metrics.jsonl"  # in --output-dir
 
 # ----------------------------------------------------------------------------- config
 
@@ -43,7 +49,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data-path", default="dataset/celeba/shards",
                    help="folder with manifest.json and shards written by prep/shard.py")
     p.add_argument("--loader", choices=LOADERS, default="torch",
@@ -54,13 +60,13 @@ def parse_args(argv=None):
                    f"{MEMORY_FRACTION * 100:.0f}%% of the free GPU memory or available RAM (val too when both "
                    "fit) and more than one epoch remains; a resumed run keeps the choice it started with. on: "
                    "always, an error if it does not fit. off: decode every epoch")
-    p.add_argument("--epochs", type=int, default=40, help="total epochs, counting resumed ones")
-    p.add_argument("-b", "--batch-size", type=int, default=128, help="images per step and per GPU")
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
-    p.add_argument("--beta", type=float, default=BETA, help="KL weight; BCE is a per-pixel mean and KL a per-image "
+    p.add_argument("--epochs", type=cli.positive_int, default=40, help="total epochs, counting resumed ones")
+    p.add_argument("-b", "--batch-size", type=cli.positive_int, default=128, help="images per step and per GPU")
+    p.add_argument("--lr", type=cli.positive_float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--beta", type=cli.nonnegative_float, default=BETA, help="KL weight; BCE is a per-pixel mean and KL a per-image "
                    "sum, so 1.0 collapses to one average face")
-    p.add_argument("--z-dim", type=int, default=128, help="latent dimensions")
-    p.add_argument("-j", "--workers", type=int, default=default_workers(),
+    p.add_argument("--z-dim", type=cli.positive_int, default=128, help="latent dimensions")
+    p.add_argument("-j", "--workers", type=cli.count, default=default_workers(),
                    help="loader processes (torch) or threads (dali); the default is min(8, CPU cores - 1), at least 1")
     p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (CUDA when present); "
                    "under torchrun, CUDA is cuda:LOCAL_RANK for each process")
@@ -76,17 +82,26 @@ def parse_args(argv=None):
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips of training images")
     p.add_argument("--output-dir", default="output", help="where images, weights and logs go")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
-                   help="continue from a checkpoint (given without a path: OUTPUT_DIR/checkpoint.pt)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, data order, flips and sampling")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per process; None: torch's default "
+    previous_run = p.add_mutually_exclusive_group()
+    previous_run.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                              help="continue from a checkpoint (given without a path: OUTPUT_DIR/checkpoint.pt, "
+                                   "or checkpoint.prev.pt when that one is damaged)")
+    previous_run.add_argument("--overwrite", action="store_true",
+                              help="start over in an --output-dir that holds a previous run, deleting its outputs")
+    p.add_argument("--resume-force", action="store_true",
+                   help="--resume even when settings that change the result (--batch-size, --lr, --beta, --crop, "
+                        "--flip, --seed, --loader, world size) differ from the checkpoint's")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seed for weights, data order, flips and sampling")
+    p.add_argument("--threads", type=cli.positive_int, default=None, help="CPU threads per process; None: torch's default "
                    "(OMP_NUM_THREADS, else every core), and under torchrun with several processes on a machine "
                    "its cores divided among them, where torchrun's own OMP_NUM_THREADS=1 counts as unset")
-    p.add_argument("--dist-timeout", type=float, default=300, help="under torchrun: seconds a rank waits for the "
+    p.add_argument("--dist-timeout", type=cli.positive_float, default=300, help="under torchrun: seconds a rank waits for the "
                    "others in a collective (a gradient all-reduce, a metric sum) before the job stops with an error")
     args = p.parse_args(argv)
     if args.resume == "":
-        args.resume = str(Path(args.output_dir) / "checkpoint.pt")
+        args.resume = str(Path(args.output_dir) / CHECKPOINT)
+    if args.resume_force and args.resume is None:
+        p.error("--resume-force goes with --resume")
     return args
 
 
@@ -149,35 +164,93 @@ def all_reduce(stats: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, model, optimizer, scaler, epoch: int, args, device) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "epoch": epoch, "args": vars(args),
-             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-save never leaves a half checkpoint
+def resume_state(args, world_size: int, master: bool):
+    """(checkpoint state, its path) that --resume names, checked against this run's settings; None when
+    the run it belongs to is already complete, which changes nothing."""
+    state, source, note = load_checkpoint(Path(args.resume))
+    if note and master:
+        print(note, file=sys.stderr)
+    done = state["epoch"]
+    if done >= args.epochs and (Path(args.output_dir) / WEIGHTS).is_file():
+        if master:
+            print(f"{source} has finished epoch {done} and --epochs is {args.epochs}: the run is already complete; "
+                  f"nothing changed. Raise --epochs to train further")
+        return None
+    changes = setting_changes(state, settings_of(vars(args), world_size))
+    if "z_dim" in changes:
+        raise CheckpointError(f"--resume: {changes['z_dim']}: the weights have another shape, which even "
+                              f"--resume-force cannot change; resume with --z-dim {state['args']['z_dim']}")
+    if changes and not args.resume_force:
+        raise CheckpointError("\n".join([f"--resume: {source} was trained with other settings, which change the "
+                                         "result:", *(f"  {line}" for line in changes.values()),
+                                         "use the checkpoint's settings, or add --resume-force to carry on "
+                                         "with these"]))
+    if changes and master:
+        print("\n".join(f"--resume-force: {line}" for line in changes.values()), file=sys.stderr)
+    return state, source
 
 
-def load_checkpoint(path: Path, model, optimizer, scaler, device) -> int:
-    """Restores everything save_checkpoint wrote; returns the number of finished epochs."""
-    if not Path(path).is_file():
-        raise TrainingError(f"--resume: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    random.setstate(ckpt["rng"]["python"])
-    np.random.set_state(ckpt["rng"]["numpy"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    return ckpt["epoch"]
+# ----------------------------------------------------------------------------- the output folder
+
+RUN_FILES = (CHECKPOINT, previous(Path(CHECKPOINT)).name, WEIGHTS, METRICS)  # the marks of a previous run
+OUTPUTS = (*RUN_FILES, *(f"{name}.tmp" for name in RUN_FILES), f"{CHECKPOINT}.damaged", "generated_samples.png",
+           "reconstructions_epoch*.png")
 
 
-def save_weights(path: Path, model) -> None:
-    """The plain CPU state_dict that the seed README's snippet loads."""
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+def check_output_dir(args) -> None:
+    """Before anything is read or written: the folder can be written into, and holds no run that this
+    one would overwrite or mix with."""
+    out_dir = Path(args.output_dir)
+    problem = cli.unwritable(out_dir)
+    if problem:
+        raise TrainingError(f"--output-dir {out_dir}: {problem}; choose another folder")
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not found or args.overwrite:
+        return
+    if not args.resume:
+        raise TrainingError(f"{out_dir} holds a previous run ({', '.join(found)}): add --resume to continue it, "
+                            f"--overwrite to start over and delete it, or choose another --output-dir")
+    if Path(args.resume).resolve().parent != out_dir.resolve():
+        raise TrainingError(f"{out_dir} holds another run ({', '.join(found)}) than the one --resume {args.resume} "
+                            f"continues; choose another --output-dir")
+
+
+def prepare_output_dir(out_dir: Path, overwrite: bool, resumed_epoch: int, resumed_from: Path | None) -> None:
+    """Right before the first epoch, once every flag and path has been checked: creates the folder,
+    deletes a previous run's outputs (--overwrite), and on --resume drops the metrics of the epochs
+    that will be trained again and sets a damaged checkpoint aside."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for pattern in OUTPUTS:
+            for path in out_dir.glob(pattern):
+                path.unlink()
+    if resumed_from is not None and resumed_from.name == previous(Path(CHECKPOINT)).name:
+        damaged = resumed_from.with_name(CHECKPOINT)
+        if damaged.exists():  # else the next save would keep it as the previous checkpoint
+            os.replace(damaged, damaged.with_name(f"{CHECKPOINT}.damaged"))
+    metrics = out_dir / METRICS
+    if resumed_from is not None and metrics.exists():
+        kept = []
+        for line in metrics.read_text().splitlines():
+            try:
+                if json.loads(line)["epoch"] <= resumed_epoch:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash or a full disk
+                pass
+        tmp = metrics.with_name(metrics.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, metrics)
+
+
+def write_failure(exn: OSError, out_dir: Path, last_good: tuple[Path, int] | None) -> TrainingError:
+    """A failed write (full disk, permissions) as one line that says what survived and how to go on."""
+    what = f"cannot write {exn.filename or out_dir} ({exn.strerror or exn})"
+    fix = "free some space (or fix the permissions)"
+    if last_good:
+        return TrainingError(f"{what}; the last good checkpoint, {last_good[0]} (epoch {last_good[1]}), is "
+                             f"untouched: {fix}, then run the same command with --resume")
+    again = "with --overwrite" if any((out_dir / name).exists() for name in RUN_FILES) else "again"
+    return TrainingError(f"{what}; no checkpoint was saved yet: {fix}, then run the same command {again}")
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -189,20 +262,22 @@ def train_one_epoch(train_step, loader, epoch: int, args, world_size: int, out_d
     stats = torch.zeros(4, device=device)  # loss, bce, kl, neg_elbo, summed over steps
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show, dynamic_ncols=True)
     started = time.perf_counter()
-    for step, images in enumerate(loader):
-        stats += torch.stack(train_step(images))
-        bar.update()
-        if (step + 1) % LOG_EVERY == 0 or step + 1 == len(loader):
-            mean = (stats / (step + 1)).tolist()
-            if not all(map(math.isfinite, mean)):
-                bar.close()
-                raise TrainingError(
-                    f"the loss became {mean[0]} in epoch {epoch + 1} near step {step + 1}; stopped without "
-                    f"saving. The last good checkpoint is {out_dir / 'checkpoint.pt'}: try a lower --lr, "
-                    f"or --amp off if mixed precision is on, and --resume")
-            seconds = time.perf_counter() - started
-            bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{(step + 1) * args.batch_size * world_size / seconds:.0f}")
-    bar.close()
+    try:  # closed however the epoch ends, so that an error is printed on a line of its own
+        for step, images in enumerate(loader):
+            stats += torch.stack(train_step(images))
+            bar.update()
+            if (step + 1) % LOG_EVERY == 0 or step + 1 == len(loader):
+                mean = (stats / (step + 1)).tolist()
+                if not all(map(math.isfinite, mean)):
+                    raise TrainingError(
+                        f"the loss became {mean[0]} in epoch {epoch + 1} near step {step + 1}; stopped without "
+                        f"saving. The last good checkpoint is {out_dir / CHECKPOINT}: try a lower --lr, "
+                        f"or --amp off if mixed precision is on, and --resume")
+                seconds = time.perf_counter() - started
+                bar.set_postfix(loss=f"{mean[0]:.4f}",
+                                img_s=f"{(step + 1) * args.batch_size * world_size / seconds:.0f}")
+    finally:
+        bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
@@ -277,7 +352,12 @@ def main(args):
     amp, amp_why = resolve_amp(args.amp, device)
     use_compile = default_compile(device) if args.compile is None else args.compile
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(args)  # creates nothing: a run that stops on a bad flag or path leaves no trace
+    resumed = resume_state(args, world_size, master) if args.resume else None
+    if args.resume and resumed is None:
+        if ddp:
+            dist.destroy_process_group()
+        return 0
     seed_everything(args.seed)
     threads = [torch.get_num_threads()] * world_size
     if ddp:
@@ -291,14 +371,7 @@ def main(args):
               f"channels_last {'on' if args.channels_last else 'off'} | {uses}")
 
     # ------------------------------------------------------------------------- data
-    done, resumed_cache = 0, None
-    if args.resume and Path(args.resume).is_file():
-        try:  # a look ahead, for the cache's choice; load_checkpoint below loads it or says what is wrong
-            ckpt = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
-            done, resumed_cache = ckpt["epoch"], ckpt["args"].get("cache")
-            del ckpt
-        except Exception:
-            pass
+    done, resumed_cache = (resumed[0]["epoch"], resumed[0]["args"].get("cache")) if resumed else (0, None)
     sizes = {split: split_size(args.data_path, split) for split in ("train", "val")}
     cached, why = plan_cache(args.cache, sizes, device, args.epochs - done, resumed_cache, args.loader)
     args.cache = "on" if "train" in cached else "off"  # saved in the checkpoint: a resume keeps the data order
@@ -307,8 +380,10 @@ def main(args):
 
     train_loader, val_loader = build_loaders(args, device, rank, world_size, cached)
     if len(train_loader) == 0:
-        raise TrainingError(f"{args.data_path}: the train split has {train_loader.num_samples} images per rank, "
-                            f"fewer than one batch of {args.batch_size}; lower --batch-size or add images")
+        images = sum(s.num_samples for s in split_shards(args.data_path, "train")) // world_size
+        raise TrainingError(f"{args.data_path}: the train split has {images} images"
+                            f"{' per process' if ddp else ''}, fewer than one batch of {args.batch_size}; "
+                            f"lower --batch-size to at most {images}, or add images")
     preview = next(iter(val_loader))[:16]  # the same faces every epoch, so reconstructions compare
 
     # ------------------------------------------------------------------------- model
@@ -319,16 +394,21 @@ def main(args):
     train_step = TrainStep(model, optimizer, device, amp=amp, channels_last=args.channels_last,
                            compile=use_compile, beta=args.beta)
 
-    start_epoch = 0
-    if args.resume:
-        start_epoch = load_checkpoint(Path(args.resume), raw_model, optimizer, train_step.scaler, device)
+    start_epoch, resumed_from = 0, None
+    if resumed:
+        state, resumed_from = resumed
+        start_epoch = restore_checkpoint(state, raw_model, optimizer, train_step.scaler, device, args.lr)
+        del state, resumed  # the tensors are in the model and optimizer now
         if master:
-            print(f"resumed from {args.resume} after epoch {start_epoch}")
+            print(f"resumed from {resumed_from} after epoch {start_epoch}")
     if master:
         print(f"{args.loader} loader: {train_loader.num_samples * world_size} training images per epoch, "
               f"{len(train_loader)} steps of {args.batch_size} x {world_size}")
 
     # ------------------------------------------------------------------------- the loop
+    if master:
+        prepare_output_dir(out_dir, args.overwrite, start_epoch, resumed_from)
+    last_good = (resumed_from, start_epoch) if resumed_from else None
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, args.epochs):
@@ -336,28 +416,38 @@ def main(args):
             train = train_one_epoch(train_step, train_loader, epoch, args, world_size, out_dir, show=master)
             val = evaluate(raw_model, val_loader, train_step, args.beta)
             if master:
-                save_reconstructions(raw_model, preview, train_step, out_dir / f"reconstructions_epoch{epoch + 1}.png")
-                save_checkpoint(out_dir / "checkpoint.pt", raw_model, optimizer, train_step.scaler, epoch + 1, args,
-                                device)
                 record = {"epoch": epoch + 1,
                           **{f"train_{k}": train[k] for k in VAELoss._fields},
                           **{f"val_{k}": v for k, v in val.items()},
                           "val_bits_per_dim": VAELoss.bits_per_dim(val["neg_elbo"]),
                           "images_per_s": train["images_per_s"], "seconds": train["seconds"]}
-                with open(out_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                # The checkpoint last: an epoch it holds has its picture and its metrics line (a resume
+                # drops the lines of epochs past the checkpoint).
+                try:
+                    save_reconstructions(raw_model, preview, train_step,
+                                         out_dir / f"reconstructions_epoch{epoch + 1}.png")
+                    with open(out_dir / METRICS, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    save_checkpoint(out_dir / CHECKPOINT, raw_model, optimizer, train_step.scaler, epoch + 1, args,
+                                    device, world_size)
+                except OSError as exn:
+                    raise write_failure(exn, out_dir, last_good) from None
+                last_good = (out_dir / CHECKPOINT, epoch + 1)
                 print(f"epoch {epoch + 1}: train loss {train['loss']:.4f} | val loss {val['loss']:.4f}, "
                       f"{record['val_bits_per_dim']:.3f} bits/dim | {record['images_per_s']:.0f} img/s")
     except KeyboardInterrupt:
         if master:
-            print(f"\ninterrupted in epoch {epoch + 1}; {out_dir / 'checkpoint.pt'} holds the last whole epoch. "
+            print(f"\ninterrupted in epoch {epoch + 1}; {out_dir / CHECKPOINT} holds the last whole epoch. "
                   f"Continue with the same command and --resume", file=sys.stderr)
         return 130
 
     if master:
-        save_samples(raw_model, args.z_dim, args.seed, device, out_dir / "generated_samples.png")
-        save_weights(out_dir / "vae_celeba.pth", raw_model)
-        print(f"wrote {out_dir / 'vae_celeba.pth'}, {out_dir / 'generated_samples.png'}")
+        try:  # the weights last: they mark a finished run
+            save_samples(raw_model, args.z_dim, args.seed, device, out_dir / "generated_samples.png")
+            save_weights(out_dir / WEIGHTS, raw_model)
+        except OSError as exn:
+            raise write_failure(exn, out_dir, last_good) from None
+        print(f"wrote {out_dir / WEIGHTS}, {out_dir / 'generated_samples.png'}")
     if ddp:
         dist.destroy_process_group()
     return 0
@@ -372,10 +462,11 @@ def lost_contact(exn: Exception) -> str | None:
 
 
 def run(argv=None) -> int:
-    """main() on parsed flags, with data and training errors as one line on stderr and exit code 1."""
+    """main() on parsed flags, with data, checkpoint and training errors as one line on stderr and exit code 1."""
+    args = parse_args(argv)
     try:
-        return main(parse_args(argv))
-    except (DataError, TrainingError) as exn:
+        return main(args)
+    except (DataError, TrainingError, CheckpointError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 1
     except RuntimeError as exn:
@@ -386,6 +477,12 @@ def run(argv=None) -> int:
         print(f"error: rank {dist.get_rank()} lost the other ranks ({reason}): another rank stopped with an error, "
               f"or stopped answering for --dist-timeout seconds", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside the epochs, which main() handles itself
+        saved = Path(args.output_dir) / CHECKPOINT
+        print(f"\ninterrupted; {saved} holds the last whole epoch: continue with the same command and --resume"
+              if saved.exists() else "\ninterrupted before an epoch was saved: run the same command again",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from tqdm import tqdm  # noqa: E402
 
 from model import CLAMP_EPS, VariationalAutoEncoder  # noqa: E402
 from model.step import TrainStep, default_compile, resolve_amp  # noqa: E402
-from pipeline import build_loader, default_workers  # noqa: E402
+from pipeline import build_loader, cli, default_workers  # noqa: E402
 
 CELEBA_TRAIN = 162_770
 EPOCHS = 40
@@ -59,16 +59,16 @@ LOADER_NAMES = ("seed", "torch", "torch-cpu-decode", "dali", "cache")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=Path, default=None, metavar="DIR",
                    help="a folder laid out like img_align_celeba (default: make synthetic faces in a temporary folder)")
-    p.add_argument("--limit", type=int, default=10_000, metavar="N",
+    p.add_argument("--limit", type=cli.count, default=10_000, metavar="N",
                    help="with --images: use the first N files, 0 for all (default: 10000)")
-    p.add_argument("--synthetic", type=int, default=None, metavar="N",
+    p.add_argument("--synthetic", type=cli.positive_int, default=None, metavar="N",
                    help="synthetic faces to make without --images (default: 10000, 3000 with --quick)")
     p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default: auto, CUDA when present)")
-    p.add_argument("-b", "--batch-size", type=int, default=128, help="images per batch (default: 128, the seed's)")
-    p.add_argument("-j", "--workers", type=int, default=default_workers(),
+    p.add_argument("-b", "--batch-size", type=cli.positive_int, default=128, help="images per batch (default: 128, the seed's)")
+    p.add_argument("-j", "--workers", type=cli.count, default=default_workers(),
                    help="loader processes (seed, torch) or threads (dali), the same for all (default: train.py's, "
                         f"{default_workers()} here)")
     p.add_argument("--loaders", default=",".join(LOADER_NAMES),
@@ -77,8 +77,8 @@ def parse_args(argv=None):
                    help="the project loaders' geometry (default: center, train.py's); the seed always squashes")
     p.add_argument("--quick", action="store_true",
                    help="fewer images, windows and steps, and no compile row on a CPU (CPU: about a minute on 2 cores)")
-    p.add_argument("--repeats", type=int, default=None, help="timed windows per row (default: 5, 3 with --quick)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--repeats", type=cli.positive_int, default=None, help="timed windows per row (default: 5, 3 with --quick)")
+    p.add_argument("--steps", type=cli.positive_int, default=None,
                    help="training steps per timed window (default: CUDA 50, CPU 8, CPU --quick 4)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here as JSON")
     args = p.parse_args(argv)
@@ -98,8 +98,10 @@ def parse_args(argv=None):
         args.repeats = 3 if args.quick else 5
     if args.steps is None:
         args.steps = 50 if cuda else (4 if args.quick else 8)
-    if min(args.batch_size, args.repeats, args.steps, args.synthetic) < 1 or args.workers < 0:
-        p.error("sizes and counts must be positive")
+    if args.json is not None:  # found now, not after the whole benchmark has run
+        problem = "it is a folder" if args.json.is_dir() else cli.unwritable(args.json.parent)
+        if problem:
+            p.error(f"--json {args.json}: {problem}")
     return args
 
 

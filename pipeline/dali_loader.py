@@ -24,7 +24,7 @@ import re
 import torch
 
 from pipeline.geometry import IMAGE_SIZE
-from pipeline.shards import DataError, epoch_order, load_manifest, split_shards, take
+from pipeline.shards import DataError, epoch_order, rebuild_hint, split_shards, take
 
 INSTALL_HINT = "the dali loader needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or pip install -e '.[dali]')"
 SHUFFLE_BUFFER = 2000  # samples; shards are already shuffled at write time
@@ -73,7 +73,7 @@ def face_pipeline(tars, idxs, shard_id, num_shards, shuffle, initial_fill, crop,
     return images, fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
 
 
-def read_index(shard, tar_size):
+def read_index(shard, tar_size, hint="run prep/shard.py again"):
     """The `.idx` rows [ext, offset, size, member], checked against the manifest and the tar."""
     try:
         header, *lines = shard.idx.read_text().splitlines()
@@ -84,18 +84,15 @@ def read_index(shard, tar_size):
     except (OSError, ValueError):
         pass
     raise DataError(f"index {shard.idx} of shard {shard.tar} is missing or does not match the shard and the "
-                    "manifest; run prep/shard.py again")
+                    f"manifest; {hint}")
 
 
 def check_shards(data_path, split, shards) -> dict:
     """Fail now, naming the shard, where DALI would fail later with a stack trace; (tar, offset) -> key."""
     keys = {}
-    for shard, entry in zip(shards, load_manifest(data_path)["splits"][split]["shards"]):
-        size = shard.tar.stat().st_size
-        if entry.get("bytes", size) != size:
-            raise DataError(f"shard {shard.tar} has {size} bytes but the manifest says {entry['bytes']}: "
-                            "it is truncated or was changed; run prep/shard.py again")
-        keys.update(((str(shard.tar), int(r[1])), r[3].split(".", 1)[0]) for r in read_index(shard, size))
+    for shard in shards:  # split_shards has checked that each is there with the size the manifest records
+        rows = read_index(shard, shard.tar.stat().st_size, rebuild_hint(data_path))
+        keys.update(((str(shard.tar), int(r[1])), r[3].split(".", 1)[0]) for r in rows)
     return keys
 
 
@@ -128,7 +125,7 @@ class DaliLoader:
         self.gpu = self.device.type == "cuda"
         if self.gpu and not torch.cuda.is_available():
             raise DataError(f"the dali loader was asked for {self.device} but CUDA is not available")
-        self.shards = split_shards(data_path, split)
+        self.data_path, self.shards = data_path, split_shards(data_path, split)
         keys = check_shards(data_path, split, self.shards)
         self.keys = keys if with_keys else None
         self.batch_size, self.train, self.rank, self.world_size = batch_size, train, rank, world_size
@@ -207,11 +204,12 @@ class DaliLoader:
         detail = " ".join(line.strip() for line in found.splitlines() if line.strip() and "C++ context" not in line)
         named = [str(s.tar) for s in self.shards if str(s.tar) in text or str(s.idx) in text]
         if named:
-            return DataError(f"shard {', '.join(named)} is unreadable (DALI: {detail}); run prep/shard.py again")
+            return DataError(f"shard {', '.join(named)} is unreadable (DALI: {detail}); "
+                             f"{rebuild_hint(self.data_path)}")
         # DALI's decoders do not say which sample failed: find it, reading only this rank's epoch.
         if "decoders" in text or "peek_image_shape" in text:
             bad = find_undecodable(take(self.order(), self.start, self.stop))
             if bad:
                 return DataError(f"shard {bad[0].tar}: sample {bad[1]} does not decode (DALI: {detail}); "
-                                 "run prep/shard.py again")
+                                 f"{rebuild_hint(self.data_path)}")
         return exn  # not the data, as far as can be told: DALI's own report is the useful one

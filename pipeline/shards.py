@@ -8,6 +8,7 @@ samples rest out an epoch); evaluation gives every sample to exactly one rank.
 
 import json
 import random
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,23 @@ def load_manifest(data_path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exn:
-        raise DataError(f"{path} is not a readable manifest ({exn}); run prep/shard.py again") from exn
+        raise DataError(f"{path} is not a readable manifest ({exn}); {rebuild_hint(data_path)}") from exn
+
+
+def rebuild_hint(data_path) -> str:
+    """The command that checks the shards in `data_path` and rebuilds the damaged ones from their JPEGs,
+    with the flags prep/shard.py recorded in the manifest (its plan must match for it to repair)."""
+    data_path = Path(data_path)
+    try:
+        manifest = json.loads((data_path / MANIFEST).read_text())
+        flags = manifest.get("rebuild") or ["--data-path", manifest["source"]]
+        source = Path(flags[flags.index("--data-path") + 1])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no manifest to say how they were made
+        return (f"run `python prep/shard.py --data-path JPEG_FOLDER --output-dir {shlex.quote(str(data_path))}` "
+                f"to make the shards again from their JPEGs")
+    if data_path.resolve() != (source.parent / "shards").resolve():  # not prep/shard.py's default
+        flags = [*flags, "--output-dir", str(data_path)]
+    return f"run `python prep/shard.py {shlex.join(flags)} --verify` to rebuild the damaged shards"
 
 
 def split_shards(data_path, split: str) -> list[Shard]:
@@ -64,9 +81,13 @@ def split_shards(data_path, split: str) -> list[Shard]:
     if not entry or not entry["shards"]:
         raise DataError(f"{data_path / MANIFEST} has no samples in split '{split}'")
     shards = [Shard(data_path / s["tar"], data_path / s["idx"], s["num_samples"]) for s in entry["shards"]]
-    for shard in shards:
+    for shard, record in zip(shards, entry["shards"]):
         if not shard.tar.is_file():
-            raise DataError(f"shard {shard.tar} is listed in the manifest but missing; run prep/shard.py again")
+            raise DataError(f"shard {shard.tar} is listed in the manifest but missing; {rebuild_hint(data_path)}")
+        size = shard.tar.stat().st_size
+        if size != record.get("bytes", size):  # a stat per shard finds truncation before an epoch does
+            raise DataError(f"shard {shard.tar} has {size} bytes but the manifest says {record['bytes']}: it is "
+                            f"truncated or was changed; {rebuild_hint(data_path)}")
     return shards
 
 

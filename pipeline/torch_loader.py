@@ -21,6 +21,7 @@ import random
 import tarfile
 from fractions import Fraction
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import simplejpeg
@@ -31,7 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.geometry import IMAGE_SIZE, crop_box
-from pipeline.shards import DataError, epoch_order, rank_samples, split_shards, take
+from pipeline.shards import DataError, epoch_order, rank_samples, rebuild_hint, split_shards, take
 
 SHUFFLE_BUFFER = 2000  # samples per worker; shards are already shuffled at write time
 SHUFFLE_START = 256  # the buffer yields from this size on and grows to SHUFFLE_BUFFER: epochs start sooner
@@ -90,14 +91,28 @@ def decode_resized(jpeg: bytes, crop: str = "center") -> np.ndarray:
     return decode_resized_batch([jpeg], crop)[0].numpy()
 
 
+def cause(exn: Exception) -> str:
+    """What went wrong, in words: webdataset wraps the reader's message in tuples with the open file."""
+    first = exn.args[0] if exn.args else ""
+    while isinstance(first, tuple) and first:
+        first = first[0]
+    return str(first).split(" @ ", 1)[0] or type(exn).__name__
+
+
 def read_spans(spans):
-    """Yield the samples of each span, with errors that name the shard."""
+    """Yield the samples of each span, with errors that name the shard and say how to rebuild it."""
     for span in spans:
+        count, hint = 0, rebuild_hint(span.shard.tar.parent)
         try:
             samples = wds.tarfile_samples([{"url": str(span.shard.tar)}])
-            yield from islice(samples, span.start, span.stop)
+            for sample in islice(samples, span.start, span.stop):
+                count += 1
+                yield sample
         except (tarfile.TarError, OSError, ValueError, EOFError) as exn:
-            raise DataError(f"shard {span.shard.tar} is unreadable ({exn}); run prep/shard.py again") from exn
+            raise DataError(f"shard {span.shard.tar} is unreadable ({cause(exn)}); {hint}") from None
+        if count < span.stop - span.start:  # a tar cut at a member boundary ends early without an error
+            raise DataError(f"shard {span.shard.tar} ends after {span.start + count} of its "
+                            f"{span.shard.num_samples} samples: it is truncated; {hint}")
 
 
 class ShardStream(IterableDataset):
@@ -147,7 +162,7 @@ class ShardStream(IterableDataset):
                     decode_crop(sample["jpg"], self.crop)
                 except (OSError, ValueError, KeyError) as exn:
                     raise DataError(f"sample {sample['__key__']} in {sample['__url__']} does not decode "
-                                    f"({exn})") from exn
+                                    f"({exn}); {rebuild_hint(Path(sample['__url__']).parent)}") from exn
             raise
         flipped = [i for i, flip in enumerate(flips) if flip]
         images[flipped] = images[flipped].flip(2)

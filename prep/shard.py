@@ -8,6 +8,10 @@ that are not baseline RGB JPEGs are re-encoded so every loader reads them alike,
 into manifest.json. Shards are written under temporary names and renamed when whole, and a journal
 records each finished shard, so running the same command again after an interruption finishes the
 job without redoing or losing anything.
+
+Run again on finished shards, it checks the ones the manifest lists (present, and of the size it
+records; with --verify also their SHA-256 and DALI index) and rebuilds only those that are damaged
+or missing, from the JPEGs. --overwrite rebuilds everything.
 """
 
 import argparse
@@ -22,7 +26,8 @@ import sys
 import tarfile
 import time
 from collections import deque
-from multiprocessing import Pool
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
@@ -31,6 +36,7 @@ import webdataset as wds  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from pipeline import cli  # noqa: E402
 from pipeline.shards import MANIFEST, SPLITS  # noqa: E402
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
@@ -39,6 +45,8 @@ PARTITION_FILE = "list_eval_partition.txt"
 JOURNAL = ".journal.jsonl"
 DALI_INDEX_VERSION = "v1.2"
 SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.(tar|idx)(\.tmp)?$")  # the names this script writes
+CHUNK = 16  # images per task sent to a worker process
+TASKS_PER_WORKER = 4  # tasks in flight per worker: they never wait on the writer, and memory stays bounded
 GET_CELEBA = (
     "Download img_align_celeba.zip from the CelebA site (https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html; "
     "torchvision's download is not used, it fails on Google Drive quotas), unzip it to "
@@ -47,8 +55,8 @@ GET_CELEBA = (
 )
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", type=Path, default=None,
                    help="folder of JPEGs laid out like img_align_celeba (default: dataset/celeba/img_align_celeba, "
                         "or dataset/synthetic/img_align_celeba with --synthetic)")
@@ -57,25 +65,46 @@ def parse_args(argv=None):
     p.add_argument("--partition-file", type=Path, default=None,
                    help=f"CelebA's official split file (default: {PARTITION_FILE} beside the data folder if present; "
                         "otherwise a deterministic split by key hash in CelebA's proportions)")
-    p.add_argument("--shard-size", type=int, default=2000, help="samples per shard (default: 2000, about 20 MB)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the write-time shuffle and of synthetic faces")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes that read and check images")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images (default: 95)")
-    p.add_argument("--synthetic", type=int, metavar="N", default=0,
+    p.add_argument("--shard-size", type=cli.positive_int, default=2000,
+                   help="samples per shard (default: 2000, about 20 MB)")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seed of the write-time shuffle and of synthetic faces")
+    p.add_argument("--workers", type=cli.positive_int, default=os.cpu_count(),
+                   help="processes that read and check images (default: CPU cores)")
+    p.add_argument("--quality", type=cli.int_at_least(1, 100), default=95,
+                   help="JPEG quality for re-encoded images (default: 95)")
+    p.add_argument("--synthetic", type=cli.positive_int, metavar="N", default=None,
                    help="first generate N synthetic CelebA-shaped faces into --data-path, then shard them")
+    p.add_argument("--verify", action="store_true",
+                   help="when the shards are already made: check each one's SHA-256 and DALI index too, not "
+                        "only that it is there with the size the manifest records; damaged ones are rebuilt")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace shards that an earlier run made from other inputs or options")
+                   help="rebuild every shard, also over shards that an earlier run made from other inputs or options")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = parser().parse_args(argv)
     if args.data_path is None:
         args.data_path = Path("dataset/synthetic/img_align_celeba" if args.synthetic else "dataset/celeba/img_align_celeba")
     if args.output_dir is None:
         args.output_dir = args.data_path.parent / "shards"
     if args.partition_file is None and (args.data_path.parent / PARTITION_FILE).is_file():
         args.partition_file = args.data_path.parent / PARTITION_FILE
-    if args.shard_size < 1 or args.workers < 1:
-        p.error("--shard-size and --workers must be at least 1")
     return args
+
+
+def rebuild_flags(args, partition_used: bool) -> list[str]:
+    """The flags that make this plan again from the same JPEGs, all but --output-dir: the manifest keeps them
+    so that a loader finding a damaged shard can name the command that rebuilds it."""
+    flags = ["--data-path", str(args.data_path.resolve())]
+    defaults = parser()
+    for name in ("shard_size", "seed", "quality"):
+        if getattr(args, name) != defaults.get_default(name):
+            flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if partition_used and args.partition_file.resolve() != (args.data_path.parent / PARTITION_FILE).resolve():
+        flags += ["--partition-file", str(args.partition_file.resolve())]
+    return flags
 
 
 def fail(message: str):
@@ -164,6 +193,11 @@ def ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def check_chunk(jobs):
+    """A task for a worker: check_image on a few images, so that one round trip carries several."""
+    return [check_image(job) for job in jobs]
+
+
 def check_image(job):
     """(path, quality) -> (key, jpeg bytes or None, note): runs in the worker pool."""
     path, quality = job
@@ -194,7 +228,7 @@ def check_image(job):
 
 
 # ---------------------------------------------------------------------------- writing
-def write_dali_index(tar_path: Path, idx_path: Path) -> int:
+def dali_index(tar_path: Path) -> str:
     """The `.idx` file DALI's fn.readers.webdataset wants, in the format its wds2idx tool writes."""
     samples = []
     with tarfile.open(tar_path) as tar:
@@ -207,10 +241,7 @@ def write_dali_index(tar_path: Path, idx_path: Path) -> int:
                 samples[-1][1].append(component)
             else:
                 samples.append((key, [component]))
-    with open(idx_path, "w") as f:
-        f.write(f"{DALI_INDEX_VERSION} {len(samples)}\n")
-        f.writelines(" ".join(components) + "\n" for _, components in samples)
-    return len(samples)
+    return f"{DALI_INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(c) + "\n" for _, c in samples)
 
 
 def sha256_file(path: Path) -> str:
@@ -247,7 +278,7 @@ class ShardWriter:
         self.writer.close()
         self.file.close()
         idx_tmp = self.out_dir / f"{self.name}.idx.tmp"
-        write_dali_index(self.tmp, idx_tmp)
+        idx_tmp.write_text(dali_index(self.tmp))
         record = {"name": self.name, "tar": self.tar.name, "idx": self.idx.name, "num_samples": self.count,
                   "bytes": self.tmp.stat().st_size, "sha256": sha256_file(self.tmp)}
         replace_durably(idx_tmp, self.idx)
@@ -259,7 +290,12 @@ def read_journal(path: Path, plan_id: str, overwrite: bool) -> dict:
     """Shards finished by an earlier run of the same plan: name -> record."""
     if not path.is_file():
         return {}
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:  # the last line, cut short by a crash: its shard is written again
+            pass
     if not lines or lines[0].get("plan") != plan_id:
         if not overwrite:
             fail(f"{path.parent} holds an unfinished run made from other inputs or options; "
@@ -268,7 +304,7 @@ def read_journal(path: Path, plan_id: str, overwrite: bool) -> dict:
     done = {}
     for entry in lines[1:]:
         shard = entry["shard"]  # None for a shard whose every file was skipped
-        if shard is None or ((path.parent / shard["tar"]).is_file() and (path.parent / shard["idx"]).is_file()):
+        if shard is None or shard_problem(path.parent, shard, deep=False) is None:
             done[entry["name"]] = entry
     return done
 
@@ -280,8 +316,131 @@ def remove_old_shards(out: Path):
             p.unlink()
 
 
+# ---------------------------------------------------------------------------- verifying
+def read_manifest(path: Path) -> dict | None:
+    """The manifest of a finished run, or None when there is none or it cannot be read."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and {"plan", "splits"} <= manifest.keys() else None
+
+
+def shard_problem(out: Path, record: dict, deep: bool) -> str | None:
+    """What is wrong with a shard the manifest lists, or None. Present, of the recorded size, and with an
+    index of the recorded length; `deep` also compares the tar's SHA-256 and the whole index."""
+    tar, idx = out / record["tar"], out / record["idx"]
+    if not tar.is_file():
+        return "missing"
+    size = tar.stat().st_size
+    if size != record["bytes"]:
+        return f"{size} bytes where the manifest records {record['bytes']}"
+    try:
+        with open(idx) as f:
+            header = f.readline().split()
+    except OSError:
+        return f"its index {idx.name} is missing"
+    if header != [DALI_INDEX_VERSION, str(record["num_samples"])]:
+        return f"its index {idx.name} does not match it"
+    if not deep:
+        return None
+    if sha256_file(tar) != record["sha256"]:
+        return "its SHA-256 differs from the manifest's"
+    try:
+        matches = idx.read_text() == dali_index(tar)
+    except (OSError, ValueError, tarfile.TarError):
+        matches = False
+    return None if matches else f"its index {idx.name} does not match it"
+
+
+# ---------------------------------------------------------------------------- the run
+def write_shards(pending, out: Path, args, finished) -> None:
+    """Writes each shard of `pending` [(name, paths)] in order, calling finished(journal entry) as each
+    one is whole.
+
+    Worker processes check the images in tasks of CHUNK, with at most TASKS_PER_WORKER tasks per worker
+    submitted ahead of the writer: the workers rarely wait on it, results held in memory stay bounded,
+    and on Ctrl-C the pool stops after the few tasks already running."""
+    chunks = (paths[i:i + CHUNK] for _, paths in pending for i in range(0, len(paths), CHUNK))
+    with ProcessPoolExecutor(args.workers, initializer=ignore_sigint) as pool, \
+            tqdm(total=sum(len(paths) for _, paths in pending), desc="sharding", unit="img",
+                 disable=args.quiet) as bar:
+        def results():
+            in_flight = deque()
+            for chunk in chunks:
+                in_flight.append(pool.submit(check_chunk, [(path, args.quality) for path in chunk]))
+                if len(in_flight) >= args.workers * TASKS_PER_WORKER:
+                    yield from in_flight.popleft().result()
+            while in_flight:
+                yield from in_flight.popleft().result()
+
+        stream = results()
+        try:
+            for name, paths in pending:
+                writer, notes = ShardWriter(out, name), {"skipped": [], "reencoded": []}
+                for path in paths:
+                    key, jpeg, note = next(stream)
+                    if jpeg is None:
+                        notes["skipped"].append({"file": path.name, "reason": note})
+                    else:
+                        writer.add(key, jpeg)
+                        if note:
+                            notes["reencoded"].append({"file": path.name, "reason": note})
+                    bar.update()
+                if writer.count == 0:  # every file of this shard was bad: keep no empty shard
+                    writer.writer.close(); writer.file.close(); writer.tmp.unlink()
+                    finished({"name": name, "shard": None, **notes})
+                else:
+                    finished({"name": name, "shard": writer.finish(), **notes})
+        except BrokenProcessPool as exn:
+            fail(f"a worker process stopped without finishing its images ({exn}); finished shards are kept: "
+                 f"run the same command again to finish the job")
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # queued tasks are dropped, running ones are short
+            raise
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    replace_durably(tmp, path)
+
+
+def repair(out: Path, manifest: dict, plan, args) -> int:
+    """Shards of an unchanged plan: checks the ones the manifest lists, rebuilds the damaged ones."""
+    manifest_path = out / MANIFEST
+    (out / JOURNAL).unlink(missing_ok=True)  # left by a run stopped between its manifest and its cleanup
+    records = {rec["name"]: rec for split in SPLITS for rec in manifest["splits"][split]["shards"]}
+    checks = tqdm(records.values(), desc="verifying", unit="shard", disable=args.quiet or not args.verify)
+    damaged = {rec["name"]: why for rec in checks if (why := shard_problem(out, rec, args.verify))}
+    if not damaged:
+        how = "present, sizes, SHA-256 and indexes checked" if args.verify else "present with the recorded sizes"
+        print(f"{manifest_path} is up to date ({manifest['num_samples']} samples in {len(records)} shards, {how}); "
+              f"nothing to do")
+        return 0
+    named = [f"{name} ({why})" for name, why in damaged.items()]
+    print(f"rebuilding {len(damaged)} of {len(records)} shards from {args.data_path}: "
+          + "; ".join(named[:5]) + (f"; and {len(named) - 5} more" if len(named) > 5 else ""))
+    started, rebuilt = time.time(), {}
+    write_shards([(name, paths) for name, paths in plan if name in damaged], out, args,
+                 lambda entry: rebuilt.__setitem__(entry["name"], entry))
+    for name, entry in rebuilt.items():
+        if entry["shard"] is None or entry["shard"]["num_samples"] != records[name]["num_samples"]:
+            fail(f"{name} rebuilt from {args.data_path} holds other samples than {manifest_path} lists: the "
+                 "images changed since the shards were made; run again with --overwrite to rebuild everything")
+        records[name].update(entry["shard"])  # the same bytes, unless an image changed in place
+    write_manifest(manifest_path, manifest)
+    print(f"rebuilt {len(rebuilt)} shard{'s' if len(rebuilt) != 1 else ''} and updated {manifest_path} ({time.time() - started:.1f} s)")
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    # Nothing is created before the folders are known to be writable.
+    for flag, folder in (("--output-dir", args.output_dir), ("--data-path", args.data_path if args.synthetic else None)):
+        problem = folder is not None and cli.unwritable(folder)
+        if problem:
+            fail(f"{flag} {folder}: {problem}; choose another folder")
     if args.synthetic:
         from prep.synthetic import write_synthetic
         write_synthetic(args.data_path, args.synthetic, seed=args.seed, workers=args.workers, progress=not args.quiet)
@@ -297,16 +456,17 @@ def main(argv=None):
     plan_id = fingerprint(plan, options)
 
     out = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
-        if old.get("plan") == plan_id:
-            print(f"{manifest_path} is up to date ({old['num_samples']} samples); nothing to do")
-            return 0
-        if not args.overwrite:
+    old = read_manifest(manifest_path)
+    if old is not None and not args.overwrite:
+        if old["plan"] != plan_id:
             fail(f"{out} already holds shards made from other inputs or options; "
                  "pass --overwrite to replace them, or choose another --output-dir")
+        return repair(out, old, plan, args)
+    out.mkdir(parents=True, exist_ok=True)
+    if manifest_path.exists():  # --overwrite, or a manifest that cannot be read: every shard is made again
+        if old is None and not args.overwrite:
+            print(f"{manifest_path} cannot be read; making every shard again")
         manifest_path.unlink()
         remove_old_shards(out)
 
@@ -319,36 +479,13 @@ def main(argv=None):
     pending = [(name, paths) for name, paths in plan if name not in done]
 
     started = time.time()
-    with Pool(args.workers, initializer=ignore_sigint) as pool, open(journal_path, "a") as journal, \
-            tqdm(total=sum(len(paths) for _, paths in pending), desc="sharding", unit="img",
-                 disable=args.quiet) as bar:
-        # Work is queued one shard ahead of the writer: the workers never wait on it, and no more than
-        # two shards of image bytes sit in memory however far the writer falls behind.
-        def submit(paths):
-            return pool.imap(check_image, [(path, args.quality) for path in paths], chunksize=16)
-        queued = deque(submit(paths) for _, paths in pending[:2])
-        for i, (name, paths) in enumerate(pending):
-            results = queued.popleft()
-            if i + 2 < len(pending):
-                queued.append(submit(pending[i + 2][1]))
-            writer, notes = ShardWriter(out, name), {"skipped": [], "reencoded": []}
-            for path in paths:
-                key, jpeg, note = next(results)
-                if jpeg is None:
-                    notes["skipped"].append({"file": path.name, "reason": note})
-                else:
-                    writer.add(key, jpeg)
-                    if note:
-                        notes["reencoded"].append({"file": path.name, "reason": note})
-                bar.update()
-            if writer.count == 0:  # every file of this shard was bad: keep no empty shard
-                writer.writer.close(); writer.file.close(); writer.tmp.unlink()
-                done[name] = {"name": name, "shard": None, **notes}
-            else:
-                done[name] = {"name": name, "shard": writer.finish(), **notes}
-            journal.write(json.dumps(done[name]) + "\n")
+    with open(journal_path, "a") as journal:
+        def finished(entry):
+            done[entry["name"]] = entry
+            journal.write(json.dumps(entry) + "\n")
             journal.flush()
             os.fsync(journal.fileno())
+        write_shards(pending, out, args, finished)
 
     splits = {s: {"num_samples": 0, "shards": []} for s in SPLITS}
     for name, _ in plan:
@@ -364,10 +501,9 @@ def main(argv=None):
         "source": str(args.data_path.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "plan": plan_id, "options": options, "num_samples": sum(s["num_samples"] for s in splits.values()),
         "splits": splits, "skipped": skipped, "reencoded": reencoded,
+        "rebuild": rebuild_flags(args, partition is not None),
     }
-    tmp = out / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    replace_durably(tmp, manifest_path)
+    write_manifest(manifest_path, manifest)
     journal_path.unlink()
     counts = ", ".join(f"{s} {splits[s]['num_samples']}" for s in SPLITS)
     print(f"wrote {manifest_path}: {counts}; {len(skipped)} skipped, {len(reencoded)} re-encoded "
@@ -375,10 +511,15 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def run(argv=None) -> int:
+    """main(), with Ctrl-C as a line that says what was kept, and exit code 130."""
     try:
-        sys.exit(main())
+        return main(argv)
     except KeyboardInterrupt:
         print("\ninterrupted: finished shards are kept; run the same command again to finish the job",
               file=sys.stderr)
-        sys.exit(130)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -119,7 +119,8 @@ def test_shard_damaged_after_construction_is_named(shard_copy, damage):
         tar.unlink()
     else:
         os.truncate(tar, tar.stat().st_size // 2)
-    with pytest.raises(DataError, match=r"shard .*val-000000\.tar is unreadable \(DALI: .+\); run prep") as caught:
+    with pytest.raises(DataError, match=r"shard .*val-000000\.tar is unreadable \(DALI: .+\); "
+                                        r"run `python prep/shard\.py .+ --verify`") as caught:
         list(loader)
     assert "\n" not in str(caught.value)
 

@@ -8,7 +8,11 @@ folder copy files out of `faces_dir` into tmp_path.
 import hashlib
 import io
 import json
+import os
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -363,29 +367,16 @@ def test_empty_folder_exits_nonzero_with_instructions(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- 7. atomic and resumable
 def interrupt_on_call(monkeypatch, n: int):
-    """Make the n-th ShardWriter.finish raise KeyboardInterrupt instead of finishing.
-
-    Before raising it waits until every worker result has reached the parent: Pool.terminate(),
-    which `with Pool(...)` runs on the way out, can deadlock when a worker is still sending a large
-    result at that moment (see the report on prep/shard.py), and a test must not hang on that race.
-    """
-    original, calls, pools = shard.ShardWriter.finish, [], []
-    real_pool = shard.Pool
-
-    def recording_pool(*args, **kwargs):
-        pools.append(real_pool(*args, **kwargs))
-        return pools[-1]
+    """Make the n-th ShardWriter.finish raise KeyboardInterrupt instead of finishing, with worker tasks
+    still in flight: the pool must stop without waiting for the rest of the job."""
+    original, calls = shard.ShardWriter.finish, []
 
     def finish(self):
         calls.append(self.name)
         if len(calls) == n:
-            deadline = time.monotonic() + 30
-            while pools and pools[-1]._cache and time.monotonic() < deadline:  # results still coming
-                time.sleep(0.01)
             raise KeyboardInterrupt
         return original(self)
 
-    monkeypatch.setattr(shard, "Pool", recording_pool)
     monkeypatch.setattr(shard.ShardWriter, "finish", finish)
     return calls
 
@@ -545,3 +536,140 @@ def test_partition_file_of_other_images_is_refused(faces_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not listed" in err and str(data) in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- verifying and repairing
+def copy_shards(shards: Path, dest: Path) -> Path:
+    shutil.copytree(shards, dest)
+    return dest
+
+
+def test_damaged_shards_are_found_and_only_they_are_rebuilt(faces_dir, shards, tmp_path, capsys):
+    out = copy_shards(shards, tmp_path / "shards")
+    names = [r["name"] for _, r in all_shards(load(shards))]
+    truncated, deleted, no_index, flipped = names[:4]
+    os.truncate(out / f"{truncated}.tar", 5000)
+    (out / f"{deleted}.tar").unlink()
+    (out / f"{no_index}.idx").unlink()
+    with open(out / f"{flipped}.tar", "r+b") as f:  # same size: only the checksum can tell
+        f.seek(3000)
+        f.write(b"\xff" * 64)
+    untouched = {n: snapshot(out)[f"{n}.tar"] for n in names[4:]}
+    capsys.readouterr()
+
+    # Without --verify: what a stat and the index header show, and nothing else is touched.
+    assert run_shard(faces_dir, out, "--shard-size", SHARD_SIZE) == 0
+    said = capsys.readouterr().out
+    assert f"rebuilding 3 of {len(names)} shards" in said
+    assert f"{truncated} (5000 bytes where the manifest records" in said and f"{deleted} (missing)" in said
+    assert f"{no_index} (its index {no_index}.idx is missing)" in said and flipped not in said
+    assert {n: snapshot(out)[f"{n}.tar"] for n in names[4:]} == untouched
+    for name in (truncated, deleted, no_index):
+        assert (out / f"{name}.tar").read_bytes() == (shards / f"{name}.tar").read_bytes()
+        assert (out / f"{name}.idx").read_bytes() == (shards / f"{name}.idx").read_bytes()
+
+    # --verify: the checksums find the flipped bytes.
+    assert run_shard(faces_dir, out, "--shard-size", SHARD_SIZE, "--verify") == 0
+    assert f"rebuilding 1 of {len(names)} shards" in capsys.readouterr().out
+    assert (out / f"{flipped}.tar").read_bytes() == (shards / f"{flipped}.tar").read_bytes()
+    assert load(out)["splits"] == load(shards)["splits"]
+    assert not list(out.glob("*.tmp")) and not (out / shard.JOURNAL).exists()
+    assert run_shard(faces_dir, out, "--shard-size", SHARD_SIZE, "--verify") == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_the_loaders_hint_names_the_command_that_repairs(faces_dir, shards, tmp_path):
+    from pipeline import DataError, build_loader
+    out = copy_shards(shards, tmp_path / "shards")
+    name = all_shards(load(shards))[0][1]["name"]
+    os.truncate(out / f"{name}.tar", 5000)
+    with pytest.raises(DataError) as caught:
+        build_loader("torch", out, name.split("-")[0], 8, "cpu", workers=0)
+    message = str(caught.value)
+    assert "\n" not in message and "5000 bytes but the manifest says" in message
+    command = re.search(r"run `python (prep/shard\.py [^`]+)` to rebuild", message).group(1)
+    argv = shlex.split(command)[1:]
+    assert argv[:2] == ["--data-path", str(faces_dir.resolve())] and "--verify" in argv
+    assert shard.main(argv + ["--quiet"]) == 0
+    assert (out / f"{name}.tar").read_bytes() == (shards / f"{name}.tar").read_bytes()
+
+
+def test_overwrite_rebuilds_every_shard(faces_dir, tmp_path):
+    data = tmp_path / "img_align_celeba"
+    copy_faces(faces_dir, data, 40)
+    out = tmp_path / "out"
+    assert run_shard(data, out, "--shard-size", 10) == 0
+    before = snapshot(out)
+    assert run_shard(data, out, "--shard-size", 10, "--overwrite") == 0
+    after = snapshot(out)
+    tars = [n for n in before if n.endswith(".tar")]
+    # (inode, mtime): a freed inode can be reused by the file that replaces it
+    assert tars and all(after[n][:2] != before[n][:2] for n in tars), "a shard was not written again"
+    assert all(after[n][2] == before[n][2] for n in tars)
+
+
+def test_an_unreadable_manifest_makes_every_shard_again(faces_dir, tmp_path, capsys):
+    data = tmp_path / "img_align_celeba"
+    copy_faces(faces_dir, data, 20)
+    out = tmp_path / "out"
+    assert run_shard(data, out, "--shard-size", 10) == 0
+    reference = load(out)
+    (out / MANIFEST).write_text('{"plan": "cut short')
+    assert run_shard(data, out, "--shard-size", 10) == 0
+    assert "cannot be read; making every shard again" in capsys.readouterr().out
+    assert load(out)["splits"] == reference["splits"]
+
+
+def test_an_unusable_output_dir_is_one_line_and_creates_nothing(faces_dir, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for out in (a_file, a_file / "shards"):
+        with pytest.raises(SystemExit) as exc:
+            run_shard(faces_dir, out)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --output-dir {out}: {a_file} is a file, not a folder; choose another folder\n"
+    # --synthetic writes into --data-path: checked before a face is drawn.
+    with pytest.raises(SystemExit):
+        shard.main(["--synthetic", "5", "--data-path", str(a_file / "faces"), "--output-dir", str(tmp_path / "out")])
+    assert "--data-path" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+SLOW_SHARD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from prep import shard
+check_image = shard.check_image
+def slow(job):  # the worker processes fork from here, and see this
+    time.sleep(0.05)
+    return check_image(job)
+shard.check_image = slow
+sys.exit(shard.run(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_stops_promptly_and_the_same_command_finishes(faces_dir, shards, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--data-path", str(faces_dir), "--output-dir", str(out), "--shard-size", str(SHARD_SIZE),
+            "--workers", "2", "--quiet"]
+    # Its own session: the signal goes to the script and its workers, as Ctrl-C in a terminal does.
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SHARD.format(root=str(ROOT)), *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*.tar")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("prep/shard.py hung after Ctrl-C")
+    assert proc.returncode == 130
+    assert err.strip() == "interrupted: finished shards are kept; run the same command again to finish the job"
+    kept = {p.name: p.stat().st_ino for p in out.glob("*.tar")}
+    assert kept and not (out / MANIFEST).exists()
+    assert shard.main(argv) == 0
+    assert {name: (out / name).stat().st_ino for name in kept} == kept
+    assert load(out)["splits"] == load(shards)["splits"]

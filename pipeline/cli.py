@@ -1,0 +1,81 @@
+"""What train.py, prep/shard.py and benchmarks/throughput.py share on the command line.
+
+Flag types that refuse bad numbers while the flags are parsed (`--batch-size 0` is one line from
+argparse, not a ZeroDivisionError an hour later), a parser whose errors are one line, and the check
+that a folder can be written into before anything is created in it. It lives in pipeline/ because
+that is the one package all three scripts already import, and it imports nothing heavy: prep/shard.py
+does not pay for torch.
+"""
+
+import argparse
+import math
+import tempfile
+from pathlib import Path
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with an error that is one line: what is wrong, and where the help is."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(text: str, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'a whole number' if kind is int else 'a number'}, not {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
+    return value
+
+
+def int_at_least(low: int, high: int | None = None):
+    """An argparse `type=` that takes whole numbers from `low` (to `high`, if given)."""
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {bound}, not {text}")
+        return value
+    return parse
+
+
+def float_above(low: float, inclusive: bool = False):
+    """An argparse `type=` that takes finite numbers above `low` (or equal to it, if `inclusive`)."""
+    def parse(text: str) -> float:
+        value = _number(text, float)
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'above'} {low:g}, not {text}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)
+count = int_at_least(0)  # 0 has a meaning: no worker processes, or no limit
+seed = int_at_least(0, 2**32 - 1)  # numpy's seeds are 32-bit and not negative
+positive_float = float_above(0)
+nonnegative_float = float_above(0, inclusive=True)
+
+
+def unwritable(folder) -> str | None:
+    """Why files cannot be written into `folder` (to be created if missing), or None if they can.
+
+    Tries for real, with an unnamed temporary file in the folder or in its nearest existing parent:
+    permission bits say nothing for root, read-only mounts or immutable folders. Leaves nothing
+    behind, so a run that stops on a later check has not created anything."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            return f"{existing} is a broken link"
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exn:
+        return f"cannot write into {existing} ({exn.strerror or exn})"
+    return None
