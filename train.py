@@ -27,7 +27,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from model import BETA, VariationalAutoEncoder, VAELoss, vae_loss
-from model.step import TrainStep
+from model.step import TrainStep, make_optimizer
 from pipeline import CROPS, LOADERS, DataError, build_loader
 
 LOG_EVERY = 25  # steps between host syncs: reading the loss forces the GPU to catch up
@@ -247,7 +247,7 @@ def main(args):
     raw_model = VariationalAutoEncoder(z_dim=args.z_dim).to(
         device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     model = DistributedDataParallel(raw_model) if ddp else raw_model
-    optimizer = torch.optim.Adam(raw_model.parameters(), lr=args.lr)
+    optimizer = make_optimizer(raw_model.parameters(), args.lr, device)
     train_step = TrainStep(model, optimizer, device, amp=amp, channels_last=args.channels_last,
                            compile=use_compile, beta=args.beta)
 

@@ -48,7 +48,7 @@ from torchvision import transforms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from model import CLAMP_EPS, VariationalAutoEncoder  # noqa: E402
-from model.step import TrainStep  # noqa: E402
+from model.step import TrainStep, make_optimizer  # noqa: E402
 from pipeline import build_loader  # noqa: E402
 
 CELEBA_TRAIN = 162_770
@@ -274,7 +274,7 @@ def project_step(settings, device):
         torch._dynamo.reset()  # each mode compiles afresh, not against another mode's cache
     model = VariationalAutoEncoder().to(
         device, memory_format=torch.channels_last if settings["channels_last"] else torch.contiguous_format)
-    step = TrainStep(model, torch.optim.Adam(model.parameters(), lr=3e-4), device, **settings)
+    step = TrainStep(model, make_optimizer(model.parameters(), 3e-4, device), device, **settings)
 
     def work(images):
         step(images)

@@ -98,3 +98,13 @@ def test_train_step_updates_the_weights_and_returns_detached_stats(amp, channels
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="amp must be one of"):
         TrainStep(model, optimizer, "cpu", amp="fp8")
+
+
+def test_the_optimizer_is_fused_adam_on_cuda_only():
+    """One home for the optimizer: Adam at the given rate; fused on CUDA, where GradScaler hands it the scale
+    and inf flag as tensors (`_step_supports_amp_scaling`) instead of reading the flag on the host."""
+    from model.step import make_optimizer
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    cpu, cuda = make_optimizer(params, 1e-3, "cpu"), make_optimizer(params, 2e-3, torch.device("cuda", 0))
+    assert isinstance(cpu, torch.optim.Adam) and cpu.defaults["lr"] == 1e-3 and not cpu.defaults["fused"]
+    assert cuda.defaults["fused"] is True and cuda.defaults["lr"] == 2e-3 and cuda._step_supports_amp_scaling
