@@ -305,6 +305,8 @@ def report(results):
     for mode, row in results["train_step"].items():
         ms = f"{row['ms_per_step']:>8.1f}" if "ms_per_step" in row else f"{'':>8}"
         note = f"  skipped: {row['skipped']}" if "skipped" in row else (f"  (= {row['same_as']})" if "same_as" in row else "")
+        if row.get("cudagraph_skips"):
+            note += f"  CUDA graphs skipped {row['cudagraph_skips']} time(s): partly plain compile"
         lines.append(f"  {mode:<38}{fmt_rate(row)}  {ms}{note}")
     lines.append("")
     lines.append(f"{'end to end (loader -> step)':<40}{'img/s':>9}  {'vs seed':>8}  {'of ceiling':>10}  "
@@ -406,9 +408,13 @@ def main(argv=None):
                 results["train_step"][mode] = {**results["train_step"][twin], "same_as": twin}
                 bar.update()
                 continue
+            skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
             row = run_row(f"step {mode}", lambda: timed(
                 itertools.cycle(batches), project_step(settings, device), warmup=warmup, steps=args.steps,
                 repeats=args.repeats, device=device))
+            if settings.get("compile_mode") == "reduce-overhead":
+                # Inductor falls back to plain compiled kernels, with a log line, where it cannot graph.
+                row["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips
             results["train_step"][mode] = {**row, "settings": settings}
 
         # 3. end to end: each loader feeding the default step (the seed's loader feeding the seed's step)

@@ -96,10 +96,11 @@ def test_dali_mixed_pipeline_gives_the_cpu_images(shards):
 # ----------------------------------------------------------------------------- the training step
 
 
-def make_step(amp, compile, seed=0):
+def make_step(amp, compile, seed=0, compile_mode=None):
     torch.manual_seed(seed)
     model = VariationalAutoEncoder().to(CUDA, memory_format=torch.channels_last)
-    return model, TrainStep(model, make_optimizer(model.parameters(), 3e-4, CUDA), CUDA, amp=amp, compile=compile)
+    return model, TrainStep(model, make_optimizer(model.parameters(), 3e-4, CUDA), CUDA, amp=amp, compile=compile,
+                            compile_mode=compile_mode)
 
 
 def faces(n=32, seed=0):
@@ -166,6 +167,21 @@ def test_fp16_with_the_grad_scaler_takes_two_steps_without_host_sync():
     moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert moved == (taken > counted)
     assert taken > 0, "three fp16 steps in a row overflowed: the loss scale does not come down"
+
+
+def test_cuda_graphs_capture_the_step():
+    """The benchmark's compile-cudagraphs row: forward, loss and backward replay as CUDA graphs (no skip),
+    a new graph generation starts after each backward, and each step's statistics are read before the
+    next replay overwrites them."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    skips = counters["inductor"]["cudagraph_skips"]
+    _, step = make_step("bf16", compile=True, compile_mode="reduce-overhead")
+    stats = [torch.stack(step(faces(seed=i % 2))) for i in range(6)]
+    assert counters["inductor"]["cudagraph_skips"] == skips, "inductor did not graph the step"
+    assert all(torch.isfinite(s).all() for s in stats)
+    assert not torch.equal(stats[-1], stats[-2]), "two batches gave the same statistics"
+    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------- train.py on CUDA
