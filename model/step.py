@@ -18,7 +18,22 @@ def make_optimizer(params, lr: float, device) -> torch.optim.Adam:
     """Adam; on CUDA its fused kernel, which torch documents as the fastest, and which takes the
     GradScaler's scale and inf flag as device tensors: the fp16 step then never reads them on the host
     (the unfused path calls .item() on the inf flag every step)."""
-    return torch.optim.Adam(params, lr=lr, fused=torch.device(device).type == "cuda" or None)
+    fused = torch.device(device).type == "cuda" or None
+    optimizer = torch.optim.Adam(params, lr=lr, fused=fused)
+
+    def keep_this_kernel(optimizer):
+        # A checkpoint's param groups carry the choice of the machine that saved it, which load_state_dict
+        # restores: a CPU checkpoint would turn fused off on CUDA, where GradScaler still hands the step its
+        # scale (as `_step_supports_amp_scaling` says) and the unfused step refuses it.
+        for group in optimizer.param_groups:
+            group["fused"] = fused
+            for p in group["params"] if fused else ():
+                state = optimizer.state.get(p, {})
+                if "step" in state:  # the fused kernel reads the step count on the device, in float32
+                    state["step"] = state["step"].to(p.device, torch.float32)
+
+    optimizer.register_load_state_dict_post_hook(keep_this_kernel)
+    return optimizer
 
 
 def to_float(images: torch.Tensor, memory_format=torch.channels_last) -> torch.Tensor:
