@@ -9,7 +9,7 @@
 # into OUTDIR ($OUT if set, else gpu-check/): summary.txt (each step: ok, skipped or failed, seconds),
 # env.txt, install.log, test_cuda.log, shards.log, train.log (each run's output and metrics.jsonl),
 # throughput.txt and throughput.json. Scratch (shards, checkpoints) goes to a temporary folder.
-# It keeps within BUDGET_S seconds (570: ten minutes with room to spare on one H100) by giving each
+# It keeps within BUDGET_S seconds (570, so that it ends inside a ten-minute limit) by giving each
 # step at most what is left; a step that runs out is stopped and reported.
 #
 # Settings, from the environment:
@@ -114,7 +114,7 @@ if "$PYTHON" -c "import nvidia.dali" 2>/dev/null; then
     HAVE_DALI=1
 else
     HAVE_DALI=0
-    note "DALI is absent (its wheel, about 200 MB, is more than one transfer carries): its test, train run and benchmark rows are skipped"
+    note "DALI is absent (about 480 MB installed, more than one transfer carries): its test, train run and benchmark rows are skipped"
 fi
 
 # ----------------------------------------------------------------------------- the CUDA tests

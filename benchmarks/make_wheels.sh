@@ -6,7 +6,7 @@
 #   benchmarks/make_wheels.sh            # Python 3.12, x86-64 Linux
 #   PYVER=3.11 benchmarks/make_wheels.sh
 #
-# NVIDIA DALI is left out: its wheel is about 200 MB, more than one transfer to such a machine carries;
+# NVIDIA DALI is left out: installed it takes about 480 MB, more than one transfer to such a machine carries;
 # gpu_check.sh says so and skips its rows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
