@@ -408,13 +408,13 @@ def main(argv=None):
                 results["train_step"][mode] = {**results["train_step"][twin], "same_as": twin}
                 bar.update()
                 continue
-            skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+            skipped_graphs = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
             row = run_row(f"step {mode}", lambda: timed(
                 itertools.cycle(batches), project_step(settings, device), warmup=warmup, steps=args.steps,
                 repeats=args.repeats, device=device))
             if settings.get("compile_mode") == "reduce-overhead":
                 # Inductor falls back to plain compiled kernels, with a log line, where it cannot graph.
-                row["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips
+                row["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skipped_graphs
             results["train_step"][mode] = {**row, "settings": settings}
 
         # 3. end to end: each loader feeding the default step (the seed's loader feeding the seed's step)
