@@ -33,7 +33,7 @@ from tqdm import tqdm
 from model import BETA, VariationalAutoEncoder, VAELoss, vae_loss
 from model.checkpoint import (CheckpointError, load_checkpoint, previous, restore_checkpoint, save_checkpoint,
                               save_weights, setting_changes, settings_of)
-from model.step import TrainStep, default_compile, resolve_amp
+from model.step import TrainStep, default_compile, make_optimizer, resolve_amp
 from pipeline import CROPS, LOADERS, DataError, build_loader, cli, default_workers, split_size
 from pipeline.cache import CACHE_MODES, MEMORY_FRACTION, plan as plan_cache
 from pipeline.shards import split_shards
@@ -142,6 +142,8 @@ def setup_device(args):
         rank, world_size = 0, 1
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda":
+        if device.index is None:  # torch.cuda.set_device refuses a device without an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -390,7 +392,7 @@ def main(args):
     raw_model = VariationalAutoEncoder(z_dim=args.z_dim).to(
         device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     model = DistributedDataParallel(raw_model) if ddp else raw_model
-    optimizer = torch.optim.Adam(raw_model.parameters(), lr=args.lr)
+    optimizer = make_optimizer(raw_model.parameters(), args.lr, device)
     train_step = TrainStep(model, optimizer, device, amp=amp, channels_last=args.channels_last,
                            compile=use_compile, beta=args.beta)
 

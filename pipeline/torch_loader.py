@@ -7,9 +7,11 @@ On CPU the workers decode with libjpeg-turbo through simplejpeg, at the smallest
 (1/8 ... 8/8) at which the crop still falls on whole pixels and spans 64 px or more: half size for
 the seed's whole-frame squash of 178x218 frames, full size for CelebA's 148x148 crop, whose odd
 offsets (15, 35) would otherwise move half a pixel. The crops of a batch are then resized together
-by one antialiased uint8 `interpolate`, the kernel the GPU path uses too. On CUDA the workers only
-read bytes; whole batches are decoded by nvJPEG (`torchvision.io.decode_jpeg(device="cuda")`) and
-cropped and resized on the GPU.
+by one antialiased uint8 `interpolate`. On CUDA the workers only read bytes; whole batches are
+decoded by nvJPEG through TorchCodec (`torchcodec.decoders.decode_jpeg(list, device="cuda")`; torchvision's
+deprecated `decode_jpeg` when TorchCodec is missing), then cropped, resized in float32 (CUDA's antialiased
+`interpolate` has no uint8 kernel) and rounded back to uint8 on the GPU, on a side stream so that the
+decoder's stream synchronisations do not wait for the training step queued before it.
 """
 
 import functools
@@ -22,6 +24,7 @@ import tarfile
 from fractions import Fraction
 from itertools import islice
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import simplejpeg
@@ -69,10 +72,11 @@ def decode_crop(jpeg: bytes, crop: str) -> np.ndarray:
 
 
 def resize_crops(crops: list[torch.Tensor]) -> torch.Tensor:
-    """(3, h, w) uint8 crops, on the CPU or a GPU -> (B, 3, 64, 64), antialiased bilinear.
+    """(3, h, w) uint8 crops on the CPU -> (B, 3, 64, 64) uint8, antialiased bilinear.
 
     One call for the batch when the crops share a size (CelebA: always), stacked channels_last: the
-    layout of the uint8 fast path of `interpolate` on the CPU, and of the model's input."""
+    layout of the uint8 fast path of `interpolate`, which exists on the CPU only (`resize_crops_float`
+    is the GPU's)."""
     def resize(x):
         return F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True)
     if len({c.shape for c in crops}) == 1:
@@ -176,16 +180,70 @@ class ShardStream(IterableDataset):
         return {"data": data, "lengths": [len(b) for b in blobs], "flips": torch.tensor(flips)}
 
 
-def gpu_decode(data, lengths, flips, crop, device) -> torch.Tensor:
-    """A batch of JPEG bytes -> (B, 3, 64, 64) uint8 on `device`, decoded by nvJPEG."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+# ----------------------------------------------------------------------------- decoding on the training device
 
-    images = decode_jpeg(list(torch.split(data, lengths)), mode=ImageReadMode.RGB, device=device)
+
+def _torchcodec_decode(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    from torchcodec.decoders import decode_jpeg  # TorchCodec >= 0.16; older releases have no image decoders
+    return decode_jpeg(jpegs, mode="RGB", device=device)
+
+
+def _torchvision_decode(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg  # deprecated since torchvision 0.29
+    return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+
+
+# Batched nvJPEG on CUDA and libjpeg-turbo on the CPU behind one call, in the order they are tried.
+JPEG_DECODERS: dict[str, Callable] = {"torchcodec": _torchcodec_decode, "torchvision": _torchvision_decode}
+DECODER_HINT = "pip install 'torchcodec>=0.16' (or pip install -e '.[gpu]')"
+
+
+@functools.cache
+def _probe_jpeg() -> torch.Tensor:
+    data = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 100, 50)).save(data, "JPEG")
+    return torch.frombuffer(bytearray(data.getvalue()), dtype=torch.uint8)
+
+
+@functools.cache
+def jpeg_decoder(device: torch.device) -> tuple[str, Callable]:
+    """(name, decode) of the first of JPEG_DECODERS that imports and decodes a JPEG on `device`: a
+    decoder that only fails at the first batch (a CPU-only build, say) is passed over here instead."""
+    failures = []
+    for name, decode in JPEG_DECODERS.items():
+        try:
+            (image,) = decode([_probe_jpeg()], device)
+            if image.shape == (3, 16, 16) and image.device.type == device.type:
+                return name, decode
+            failures.append(f"{name} gave {tuple(image.shape)} on {image.device}")
+        except Exception as exn:  # ImportError, or a RuntimeError from a build without this device
+            failures.append(f"{name}: {str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__}")
+    raise DataError(f"no JPEG decoder works on {device} ({'; '.join(failures)}): {DECODER_HINT}")
+
+
+def resize_crops_float(crops: list[torch.Tensor]) -> torch.Tensor:
+    """(3, h, w) uint8 crops on any device -> (B, 3, 64, 64) uint8: antialiased bilinear in float32,
+    rounded. CUDA's antialiased kernel dispatches floating types only (docs/cuda-paths.md); float32
+    keeps the rounding within one level of the CPU's uint8 kernel."""
+    def resize(x):
+        x = F.interpolate(x.float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True)
+        return x.round_().clamp_(0, 255).to(torch.uint8)
+    if len({c.shape for c in crops}) == 1:
+        return resize(torch.stack(crops))
+    return torch.cat([resize(c[None]) for c in crops])
+
+
+def gpu_decode(data, lengths, flips, crop, device) -> torch.Tensor:
+    """A batch of JPEG bytes -> (B, 3, 64, 64) uint8 on `device`: decoded there (nvJPEG on CUDA), cropped,
+    resized by `resize_crops_float` and flipped. The same calls run on the CPU, where the tests run them."""
+    device = torch.device(device)
+    _, decode = jpeg_decoder(device)
+    images = decode(list(torch.split(data, lengths)), device)
     crops = []
     for image in images:  # (3, H, W) each
         left, top, right, bottom = crop_box(image.shape[-1], image.shape[-2], crop)
         crops.append(image[:, top:bottom, left:right])
-    out = resize_crops(crops)
+    out = resize_crops_float(crops)
     flips = flips.to(device, non_blocking=True).view(-1, 1, 1, 1)
     return torch.where(flips, out.flip(-1), out)
 
@@ -205,6 +263,11 @@ class TorchLoader:
                  seed=0, crop="center", flip=None, with_keys=False, gpu_decode=None):
         self.device = torch.device(device)
         self.gpu_decode = self.device.type == "cuda" if gpu_decode is None else gpu_decode
+        if self.gpu_decode:
+            jpeg_decoder(self.device)  # no decoder: say so now, in one line, not at the first batch
+        # The decoders synchronise their stream with the host; on their own stream that waits for the
+        # decode alone, not for the training step queued on the current stream.
+        self.stream = torch.cuda.Stream(self.device) if self.gpu_decode and self.device.type == "cuda" else None
         self.crop, self.with_keys, self.batch_size = crop, with_keys, batch_size
         self.dataset = ShardStream(split_shards(data_path, split), batch_size, rank, world_size, train,
                                    train if flip is None else flip, crop, seed, not self.gpu_decode, with_keys)
@@ -229,9 +292,20 @@ class TorchLoader:
     def __iter__(self):
         for item in self.loader:
             if self.gpu_decode:
-                images = gpu_decode(item["data"], item["lengths"], item["flips"], self.crop, self.device)
-                images = images.contiguous(memory_format=torch.channels_last)
+                images = self.decode_on_device(item)
             else:
                 # NHWC in memory is channels_last NCHW: the permute is a view, not a copy.
                 images = item["images"].to(self.device, non_blocking=True).permute(0, 3, 1, 2)
             yield (images, item["keys"]) if self.with_keys else images
+
+    def decode_on_device(self, item) -> torch.Tensor:
+        if self.stream is None:
+            return gpu_decode(item["data"], item["lengths"], item["flips"], self.crop, self.device).contiguous(
+                memory_format=torch.channels_last)
+        current = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.stream):
+            images = gpu_decode(item["data"], item["lengths"], item["flips"], self.crop, self.device).contiguous(
+                memory_format=torch.channels_last)
+        current.wait_stream(self.stream)
+        images.record_stream(current)  # allocated on the side stream, used and freed on the current one
+        return images

@@ -4,6 +4,7 @@ No test asserts a speed: timings on a shared 2-core machine say nothing about th
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,30 @@ def test_unknown_loader_is_refused():
     result = subprocess.run([sys.executable, "benchmarks/throughput.py", "--loaders", "seed,tensorflow"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "unknown tensorflow" in result.stderr
+
+
+def test_gpu_check_runs_every_step_as_a_dry_run_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh with DEVICE=cpu and tiny sizes: the CUDA tests skip, the rest runs, and the
+    eight result files are there. On a GPU the same script runs them on CUDA (docs/cuda-paths.md)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "DEVICE": "cpu", "PYTHON": sys.executable, "INSTALL": "0", "IMAGES": "120",
+           "TRAIN_ARGS": "--batch-size 16 --workers 1",
+           "BENCH_ARGS": "--quick --loaders torch --synthetic 64 --batch-size 16 --workers 1 --steps 1 --repeats 1"}
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["summary.txt", "env.txt", "install.log", "test_cuda.log", "shards.log", "train.log", "throughput.txt",
+         "throughput.json"])
+    summary = (out / "summary.txt").read_text()
+    for step in ("tests/test_cuda.py", "shards", "train torch", "train dali", "benchmark"):
+        assert any(line.startswith(step) and " ok " in line for line in summary.splitlines()), (step, summary)
+    assert "skipped" in (out / "test_cuda.log").read_text() and "every step ok" in summary
+    assert (out / "train.log").read_text().count('"epoch": 1') == 2  # both runs' metrics.jsonl
+    assert json.loads((out / "throughput.json").read_text())["env"]["device"] == "cpu"
+
+
+def test_gpu_check_scripts_parse():
+    for script in ("benchmarks/gpu_check.sh", "benchmarks/make_wheels.sh"):
+        result = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr

@@ -98,3 +98,40 @@ def test_train_step_updates_the_weights_and_returns_detached_stats(amp, channels
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="amp must be one of"):
         TrainStep(model, optimizer, "cpu", amp="fp8")
+
+
+def test_the_optimizer_is_fused_adam_on_cuda_only():
+    """One home for the optimizer: Adam at the given rate; fused on CUDA, where GradScaler hands it the scale
+    and inf flag as tensors (`_step_supports_amp_scaling`) instead of reading the flag on the host."""
+    from model.step import make_optimizer
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    cpu, cuda = make_optimizer(params, 1e-3, "cpu"), make_optimizer(params, 2e-3, torch.device("cuda", 0))
+    assert isinstance(cpu, torch.optim.Adam) and cpu.defaults["lr"] == 1e-3 and not cpu.defaults["fused"]
+    assert cuda.defaults["fused"] is True and cuda.defaults["lr"] == 2e-3 and cuda._step_supports_amp_scaling
+
+
+def test_a_checkpoint_keeps_this_machines_adam_kernel():
+    """A checkpoint made with the unfused Adam (on the CPU) loads into the fused one (CUDA) and the reverse,
+    each keeping its own kernel and stepping; the fused kernel also runs on the CPU, which stands in here."""
+    from model.step import make_optimizer
+    torch.manual_seed(0)
+    model = VariationalAutoEncoder()
+    x = torch.rand(2, 3, 64, 64)
+
+    def step(optimizer):
+        optimizer.zero_grad()
+        model(x)[0].mean().backward()
+        optimizer.step()
+
+    unfused = make_optimizer(model.parameters(), 1e-3, "cpu")
+    step(unfused)
+    fused = make_optimizer(model.parameters(), 1e-3, "cuda")
+    fused.load_state_dict(unfused.state_dict())
+    assert all(g["fused"] for g in fused.param_groups)
+    assert all(s["step"].dtype == torch.float32 and s["step"].item() == 1 for s in fused.state.values())
+    step(fused)
+    again = make_optimizer(model.parameters(), 1e-3, "cpu")
+    again.load_state_dict(fused.state_dict())
+    assert not any(g["fused"] for g in again.param_groups)
+    step(again)
+    assert all(s["step"].item() == 3 for s in again.state.values())

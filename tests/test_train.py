@@ -202,3 +202,19 @@ def test_dali_loader_without_dali_is_one_clear_line(shards, tmp_path):
     assert result.stderr.strip().splitlines()[-1].endswith(
         "needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or pip install -e '.[dali]')")
     assert "Traceback" not in result.stderr
+
+
+def test_setup_device_names_the_gpu_it_sets(monkeypatch):
+    """`--device cuda` (and auto on a GPU machine) is a device without an index, which
+    torch.cuda.set_device refuses; setup_device must hand it the current device's index. The check runs
+    torch's own index rule on a stand-in for the GPU."""
+    from torch.cuda._utils import _get_device_index
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(_get_device_index(device)))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    for flag in ("cuda", "auto", "cuda:0"):
+        device, rank, world_size = train.setup_device(train.parse_args(["--device", flag]))
+        assert device == torch.device("cuda", 0) and (rank, world_size) == (0, 1)
+    assert chosen == [0, 0, 0]
