@@ -4,10 +4,11 @@
     torchrun --nproc_per_node 4 train.py --data-path ...            # several GPUs, same flags
 
 Reads top to bottom: config, checkpoints, one epoch of training, evaluation and pictures, then
-main(), the epoch loop. Writes into --output-dir: reconstructions_epoch{n}.png,
-generated_samples.png, vae_celeba.pth (a plain CPU state_dict that
-`VariationalAutoEncoder(z_dim=128).load_state_dict(torch.load(...))` takes), checkpoint.pt
-(resumable, rewritten atomically after each epoch) and metrics.jsonl (one line per epoch).
+main(), the epoch loop. Writes into --output-dir: reconstructions_epoch{n}.png and curves.png
+(each epoch), generated_samples.png and interpolations.png (after training), vae_celeba.pth (a plain
+CPU state_dict that `VariationalAutoEncoder(z_dim=128).load_state_dict(torch.load(...))` takes),
+checkpoint.pt (resumable, rewritten atomically after each epoch), metrics.jsonl (one line per
+epoch) and, with --tensorboard, TensorBoard event files in tb/.
 """
 
 import argparse
@@ -23,10 +24,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 from tqdm import tqdm
 
 from model import BETA, VariationalAutoEncoder, VAELoss, vae_loss
+from model import figures, metrics
 from model.step import TrainStep
 from pipeline import CROPS, LOADERS, DataError, build_loader
 
@@ -68,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint (given without a path: OUTPUT_DIR/checkpoint.pt)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order, flips and sampling")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs to OUTPUT_DIR/tb: "
+                   f"training scalars every {LOG_EVERY} steps, validation figures and reconstructions each epoch "
+                   "(pip install tensorboard)")
     args = p.parse_args(argv)
     if args.workers is None:
         args.workers = max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -152,10 +157,13 @@ def save_weights(path: Path, model) -> None:
 # ----------------------------------------------------------------------------- one epoch
 
 
-def train_one_epoch(train_step, loader, epoch: int, args, world_size: int, out_dir: Path, show: bool) -> dict:
-    """Trains over one epoch of `loader`; returns the mean train VAELoss fields and the wall time."""
+def train_one_epoch(train_step, loader, epoch: int, args, world_size: int, out_dir: Path, show: bool,
+                    log=None) -> dict:
+    """Trains over one epoch of `loader`; returns the mean train VAELoss fields and the wall time.
+    `log(global_step, means)` receives the VAELoss fields averaged over the steps since its last call."""
     device = train_step.device
     stats = torch.zeros(4, device=device)  # loss, bce, kl, neg_elbo, summed over steps
+    logged, logged_steps = torch.zeros_like(stats), 0
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show, dynamic_ncols=True)
     started = time.perf_counter()
     for step, images in enumerate(loader):
@@ -171,6 +179,10 @@ def train_one_epoch(train_step, loader, epoch: int, args, world_size: int, out_d
                     f"or --amp off if mixed precision is on, and --resume")
             seconds = time.perf_counter() - started
             bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{(step + 1) * args.batch_size * world_size / seconds:.0f}")
+            if log is not None:
+                window = ((stats - logged) / (step + 1 - logged_steps)).tolist()
+                log(epoch * len(loader) + step + 1, dict(zip(VAELoss._fields, window)))
+                logged, logged_steps = stats.clone(), step + 1
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -184,39 +196,90 @@ def train_one_epoch(train_step, loader, epoch: int, args, world_size: int, out_d
 
 @torch.no_grad()
 def evaluate(model, loader, train_step, beta: float) -> dict:
-    """Mean VAELoss fields per image over the whole split, every rank's share included."""
+    """Means per image over the whole split, every rank's share included: the VAELoss fields (with a
+    sampled z, as in training), MSE and PSNR of the reconstruction from the posterior mean (model.metrics),
+    and the KL of each latent dimension, summarised as the count of active dimensions."""
     device = train_step.device
+    z_dim = model.z_dim
     model.eval()
-    stats = torch.zeros(5, device=device)  # images, loss, bce, kl, neg_elbo (sums over images)
+    # Sums over images, one tensor so one all_reduce: count, loss, bce, kl, neg_elbo, mse, psnr, KL per dim.
+    stats = torch.zeros(7 + z_dim, device=device)
     for images in loader:
         x = train_step.to_input(images)
         with train_step.autocast():
-            x_hat, mu, logvar = model(x)
+            mu, logvar = model.encode(x)
+            # The sampled z gives the loss; the posterior mean gives the reconstruction quality. One decode.
+            x_hat, x_mean = model.decode(torch.cat([model.reparameterize(mu, logvar), mu])).chunk(2)
         out = vae_loss(x_hat, x, mu, logvar, beta)
-        stats += torch.stack([torch.ones((), device=device), *out]) * len(x)
+        mse = metrics.mse_per_image(x_mean, x)
+        stats += torch.cat([torch.stack([torch.ones((), device=device), *out]) * len(x),
+                            torch.stack([mse.sum(), metrics.psnr(mse).sum()]),
+                            metrics.kl_per_dim(mu, logvar).sum(0)])
     model.train()
-    n, *sums = all_reduce(stats).tolist()
-    return dict(zip(VAELoss._fields, (s / n for s in sums)))
+    stats = all_reduce(stats) / stats[0]
+    mean_kl_per_dim = stats[7:].cpu()
+    means = stats[1:7].tolist()
+    return {**dict(zip(VAELoss._fields, means[:4])), "mse": means[4], "psnr": means[5],
+            "active_dims": metrics.active_dims(mean_kl_per_dim),
+            "kl_dim_median": mean_kl_per_dim.median().item(), "kl_dim_max": mean_kl_per_dim.max().item()}
 
 
 @torch.no_grad()
-def save_reconstructions(model, preview, train_step, path: Path) -> None:
-    """Faces over their reconstructions from the posterior mean."""
+def save_reconstructions(model, preview, train_step, path: Path) -> torch.Tensor:
+    """Faces over their reconstructions from the posterior mean; returns the grid."""
     model.eval()
-    x = train_step.to_input(preview)
     with train_step.autocast():
-        recon = model.decode(model.encode(x)[0]).float()
+        grid = figures.reconstruction_grid(model, train_step.to_input(preview))
     model.train()
-    save_image(make_grid(torch.cat([x, recon]), nrow=len(x)), path)
+    save_image(grid, path)
+    return grid
 
 
 @torch.no_grad()
-def save_samples(model, z_dim: int, seed: int, device, path: Path) -> None:
-    """64 faces decoded from z ~ N(0, I), the same z for the same seed."""
+def save_samples(model, z_dim: int, seed: int, device, path: Path) -> torch.Tensor:
+    """64 faces decoded from z ~ N(0, I), the same z for the same seed; returns the grid."""
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    samples = model.decode(torch.randn(64, z_dim, generator=generator).to(device)).float()
-    save_image(make_grid(samples, nrow=8), path)
+    grid = figures.sample_grid(model, 64, z_dim, device, generator=torch.Generator().manual_seed(seed))
+    save_image(grid, path)
+    return grid
+
+
+@torch.no_grad()
+def save_interpolations(model, preview, train_step, path: Path) -> torch.Tensor | None:
+    """A row per pair of preview faces: the pair's ends and the decodings along the line in z between
+    their posterior means. None when there are fewer than two faces."""
+    pairs = len(preview) // 2
+    if pairs == 0:
+        return None
+    model.eval()
+    x = train_step.to_input(preview[:2 * pairs])
+    with train_step.autocast():
+        grid = figures.interpolation_grid(model, x[0::2], x[1::2])
+    save_image(grid, path)
+    return grid
+
+
+def open_tensorboard(log_dir: Path, master: bool):
+    """A SummaryWriter on the master rank (None elsewhere); a TrainingError when tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exn:
+        raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                            "(or pip install -e '.[tensorboard]')") from exn
+    return SummaryWriter(str(log_dir)) if master else None
+
+
+def read_history(path: Path, epochs: int) -> list[dict]:
+    """The metrics.jsonl rows of epochs 1..`epochs`, the last written of each: what a resumed run's
+    curves continue from."""
+    rows = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if row.get("epoch", 0) <= epochs:
+                    rows[row["epoch"]] = row
+    return [rows[e] for e in sorted(rows)]
 
 
 # ----------------------------------------------------------------------------- main
@@ -262,35 +325,67 @@ def main(args):
               f"compile {'on' if use_compile else 'off'}, channels_last {'on' if args.channels_last else 'off'}")
 
     # ------------------------------------------------------------------------- the loop
+    writer = open_tensorboard(out_dir / "tb", master) if args.tensorboard else None
+    log_step = None
+    if writer is not None:
+        def log_step(step, means):
+            for k, v in means.items():
+                writer.add_scalar(f"train_step/{k}", v, step)
+    # Curves and wall time continue across --resume from the rows already written.
+    history = read_history(out_dir / "metrics.jsonl", start_epoch) if master and start_epoch else []
+    started = time.perf_counter() - (history[-1].get("wall_s", 0.0) if history else 0.0)
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, args.epochs):
             train_loader.set_epoch(epoch)
-            train = train_one_epoch(train_step, train_loader, epoch, args, world_size, out_dir, show=master)
+            train = train_one_epoch(train_step, train_loader, epoch, args, world_size, out_dir, show=master,
+                                    log=log_step)
             val = evaluate(raw_model, val_loader, train_step, args.beta)
             if master:
-                save_reconstructions(raw_model, preview, train_step, out_dir / f"reconstructions_epoch{epoch + 1}.png")
+                grid = save_reconstructions(raw_model, preview, train_step,
+                                            out_dir / f"reconstructions_epoch{epoch + 1}.png")
                 save_checkpoint(out_dir / "checkpoint.pt", raw_model, optimizer, train_step.scaler, epoch + 1, args,
                                 device)
                 record = {"epoch": epoch + 1,
                           **{f"train_{k}": train[k] for k in VAELoss._fields},
                           **{f"val_{k}": v for k, v in val.items()},
+                          "train_bits_per_dim": VAELoss.bits_per_dim(train["neg_elbo"]),
                           "val_bits_per_dim": VAELoss.bits_per_dim(val["neg_elbo"]),
-                          "images_per_s": train["images_per_s"], "seconds": train["seconds"]}
+                          "lr": optimizer.param_groups[0]["lr"],
+                          "images_per_s": train["images_per_s"], "seconds": train["seconds"],
+                          "wall_s": time.perf_counter() - started}
+                history.append(record)
                 with open(out_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+                figures.save_curves(history, out_dir / "curves.png")
+                if writer is not None:
+                    for k, v in record.items():
+                        if k != "epoch":
+                            writer.add_scalar(f"epoch/{k}", v, epoch + 1)
+                    writer.add_image("reconstructions", grid, epoch + 1)
+                    writer.flush()
                 print(f"epoch {epoch + 1}: train loss {train['loss']:.4f} | val loss {val['loss']:.4f}, "
-                      f"{record['val_bits_per_dim']:.3f} bits/dim | {record['images_per_s']:.0f} img/s")
+                      f"{record['val_bits_per_dim']:.3f} bits/dim, PSNR {val['psnr']:.2f} dB, "
+                      f"{val['active_dims']}/{args.z_dim} active dims | {record['images_per_s']:.0f} img/s")
     except KeyboardInterrupt:
         if master:
             print(f"\ninterrupted in epoch {epoch + 1}; {out_dir / 'checkpoint.pt'} holds the last whole epoch. "
                   f"Continue with the same command and --resume", file=sys.stderr)
+        if writer is not None:
+            writer.close()
         return 130
 
     if master:
-        save_samples(raw_model, args.z_dim, args.seed, device, out_dir / "generated_samples.png")
+        samples = save_samples(raw_model, args.z_dim, args.seed, device, out_dir / "generated_samples.png")
+        lines = save_interpolations(raw_model, preview, train_step, out_dir / "interpolations.png")
         save_weights(out_dir / "vae_celeba.pth", raw_model)
-        print(f"wrote {out_dir / 'vae_celeba.pth'}, {out_dir / 'generated_samples.png'}")
+        if writer is not None:
+            writer.add_image("generated_samples", samples, args.epochs)
+            if lines is not None:
+                writer.add_image("interpolations", lines, args.epochs)
+            writer.close()
+        written = ["vae_celeba.pth", "generated_samples.png"] + (["interpolations.png"] if lines is not None else [])
+        print(f"wrote {', '.join(str(out_dir / name) for name in written)}")
     if ddp:
         dist.destroy_process_group()
     return 0
