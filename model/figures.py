@@ -12,6 +12,8 @@ import torch
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
+from model.metrics import ACTIVE_KL_NATS
+
 INTERPOLATION_STEPS = 8  # decodings per line in z, both ends included
 CURVES_INCHES, CURVES_DPI = (10, 7), 100  # curves.png is 1000 x 700 px
 
@@ -74,7 +76,7 @@ CURVES = (  # panel title, y label, (label, metrics.jsonl key) per line
     ("negative ELBO, BCE-based (this project only)", "bits/dim",
      (("train", "train_bits_per_dim"), ("val", "val_bits_per_dim"))),
     ("reconstruction PSNR from the posterior mean", "dB", (("val", "val_psnr"),)),
-    ("active latent dimensions (KL > 0.01 nats)", "dimensions", (("val", "val_active_dims"),)),
+    (f"active latent dimensions (KL > {ACTIVE_KL_NATS} nats)", "dimensions", (("val", "val_active_dims"),)),
 )
 
 
