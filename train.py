@@ -4,12 +4,12 @@
     torchrun --nproc_per_node 4 train.py --data-path ...            # several GPUs, same flags
 
 Reads top to bottom: config, checkpoints, one epoch of training, evaluation and pictures, then
-main(), the epoch loop. Writes into --output-dir: reconstructions_epoch{n}.png,
-generated_samples.png, vae_celeba.pth (a plain CPU state_dict that
-`VariationalAutoEncoder(z_dim=128).load_state_dict(torch.load(...))` takes), checkpoint.pt and
-checkpoint.prev.pt (resumable: the newest and the one before, rotated after each epoch) and
-metrics.jsonl (one line per epoch). It refuses to start in a folder that holds another run unless
-told to --resume it or to --overwrite it.
+main(), the epoch loop. Writes into --output-dir: reconstructions_epoch{n}.png and curves.png
+(each epoch), generated_samples.png and interpolations.png (after training), vae_celeba.pth (a plain
+CPU state_dict that `VariationalAutoEncoder(z_dim=128).load_state_dict(torch.load(...))` takes),
+checkpoint.pt and checkpoint.prev.pt (resumable: the newest and the one before, rotated after each
+epoch), metrics.jsonl (one line per epoch) and, with --tensorboard, TensorBoard event files in tb/.
+It refuses to start in a folder that holds another run unless told to --resume it or to --overwrite it.
 """
 
 import argparse
@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import shutil
 import re
 import sys
 import time
@@ -27,10 +28,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 from tqdm import tqdm
 
 from model import BETA, VariationalAutoEncoder, VAELoss, vae_loss
+from model import figures, metrics
 from model.checkpoint import (CheckpointError, load_checkpoint, previous, restore_checkpoint, save_checkpoint,
                               save_weights, setting_changes, settings_of)
 from model.step import TrainStep, default_compile, make_optimizer, resolve_amp
@@ -97,6 +99,9 @@ def parse_args(argv=None):
                    "its cores divided among them, where torchrun's own OMP_NUM_THREADS=1 counts as unset")
     p.add_argument("--dist-timeout", type=cli.positive_float, default=300, help="under torchrun: seconds a rank waits for the "
                    "others in a collective (a gradient all-reduce, a metric sum) before the job stops with an error")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs to OUTPUT_DIR/tb: "
+                   f"training scalars every {LOG_EVERY} steps, validation figures and reconstructions each epoch "
+                   "(pip install tensorboard)")
     args = p.parse_args(argv)
     if args.resume == "":
         args.resume = str(Path(args.output_dir) / CHECKPOINT)
@@ -196,7 +201,7 @@ def resume_state(args, world_size: int, master: bool):
 
 RUN_FILES = (CHECKPOINT, previous(Path(CHECKPOINT)).name, WEIGHTS, METRICS)  # the marks of a previous run
 OUTPUTS = (*RUN_FILES, *(f"{name}.tmp" for name in RUN_FILES), f"{CHECKPOINT}.damaged", "generated_samples.png",
-           "reconstructions_epoch*.png")
+           "reconstructions_epoch*.png", "curves.png", "interpolations.png", "tb")
 
 
 def check_output_dir(args) -> None:
@@ -225,23 +230,23 @@ def prepare_output_dir(out_dir: Path, overwrite: bool, resumed_epoch: int, resum
     if overwrite:
         for pattern in OUTPUTS:
             for path in out_dir.glob(pattern):
-                path.unlink()
+                shutil.rmtree(path) if path.is_dir() else path.unlink()  # tb/ is a folder
     if resumed_from is not None and resumed_from.name == previous(Path(CHECKPOINT)).name:
         damaged = resumed_from.with_name(CHECKPOINT)
         if damaged.exists():  # else the next save would keep it as the previous checkpoint
             os.replace(damaged, damaged.with_name(f"{CHECKPOINT}.damaged"))
-    metrics = out_dir / METRICS
-    if resumed_from is not None and metrics.exists():
+    metrics_file = out_dir / METRICS
+    if resumed_from is not None and metrics_file.exists():
         kept = []
-        for line in metrics.read_text().splitlines():
+        for line in metrics_file.read_text().splitlines():
             try:
                 if json.loads(line)["epoch"] <= resumed_epoch:
                     kept.append(line + "\n")
             except (ValueError, KeyError, TypeError):  # a line cut short by a crash or a full disk
                 pass
-        tmp = metrics.with_name(metrics.name + ".tmp")
+        tmp = metrics_file.with_name(metrics_file.name + ".tmp")
         tmp.write_text("".join(kept))
-        os.replace(tmp, metrics)
+        os.replace(tmp, metrics_file)
 
 
 def write_failure(exn: OSError, out_dir: Path, last_good: tuple[Path, int] | None) -> TrainingError:
@@ -258,10 +263,13 @@ def write_failure(exn: OSError, out_dir: Path, last_good: tuple[Path, int] | Non
 # ----------------------------------------------------------------------------- one epoch
 
 
-def train_one_epoch(train_step, loader, epoch: int, args, world_size: int, out_dir: Path, show: bool) -> dict:
-    """Trains over one epoch of `loader`; returns the mean train VAELoss fields and the wall time."""
+def train_one_epoch(train_step, loader, epoch: int, args, world_size: int, out_dir: Path, show: bool,
+                    log=None) -> dict:
+    """Trains over one epoch of `loader`; returns the mean train VAELoss fields and the wall time.
+    `log(global_step, means)` receives the VAELoss fields averaged over the steps since its last call."""
     device = train_step.device
     stats = torch.zeros(4, device=device)  # loss, bce, kl, neg_elbo, summed over steps
+    logged, logged_steps = torch.zeros_like(stats), 0
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show, dynamic_ncols=True)
     started = time.perf_counter()
     try:  # closed however the epoch ends, so that an error is printed on a line of its own
@@ -278,6 +286,10 @@ def train_one_epoch(train_step, loader, epoch: int, args, world_size: int, out_d
                 seconds = time.perf_counter() - started
                 bar.set_postfix(loss=f"{mean[0]:.4f}",
                                 img_s=f"{(step + 1) * args.batch_size * world_size / seconds:.0f}")
+                if log is not None:
+                    window = ((stats - logged) / (step + 1 - logged_steps)).tolist()
+                    log(epoch * len(loader) + step + 1, dict(zip(VAELoss._fields, window)))
+                    logged, logged_steps = stats.clone(), step + 1
     finally:
         bar.close()
     if device.type == "cuda":
@@ -292,39 +304,90 @@ def train_one_epoch(train_step, loader, epoch: int, args, world_size: int, out_d
 
 @torch.no_grad()
 def evaluate(model, loader, train_step, beta: float) -> dict:
-    """Mean VAELoss fields per image over the whole split, every rank's share included."""
+    """Means per image over the whole split, every rank's share included: the VAELoss fields (with a
+    sampled z, as in training), MSE and PSNR of the reconstruction from the posterior mean (model.metrics),
+    and the KL of each latent dimension, summarised as the count of active dimensions."""
     device = train_step.device
+    z_dim = model.z_dim
     model.eval()
-    stats = torch.zeros(5, device=device)  # images, loss, bce, kl, neg_elbo (sums over images)
+    # Sums over images, one tensor so one all_reduce: count, loss, bce, kl, neg_elbo, mse, psnr, KL per dim.
+    stats = torch.zeros(7 + z_dim, device=device)
     for images in loader:
         x = train_step.to_input(images)
         with train_step.autocast():
-            x_hat, mu, logvar = model(x)
+            mu, logvar = model.encode(x)
+            # The sampled z gives the loss; the posterior mean gives the reconstruction quality. One decode.
+            x_hat, x_mean = model.decode(torch.cat([model.reparameterize(mu, logvar), mu])).chunk(2)
         out = vae_loss(x_hat, x, mu, logvar, beta)
-        stats += torch.stack([torch.ones((), device=device), *out]) * len(x)
+        mse = metrics.mse_per_image(x_mean, x)
+        stats += torch.cat([torch.stack([torch.ones((), device=device), *out]) * len(x),
+                            torch.stack([mse.sum(), metrics.psnr(mse).sum()]),
+                            metrics.kl_per_dim(mu, logvar).sum(0)])
     model.train()
-    n, *sums = all_reduce(stats).tolist()
-    return dict(zip(VAELoss._fields, (s / n for s in sums)))
+    stats = all_reduce(stats) / stats[0]
+    mean_kl_per_dim = stats[7:].cpu()
+    means = stats[1:7].tolist()
+    return {**dict(zip(VAELoss._fields, means[:4])), "mse": means[4], "psnr": means[5],
+            "active_dims": metrics.active_dims(mean_kl_per_dim),
+            "kl_dim_median": mean_kl_per_dim.median().item(), "kl_dim_max": mean_kl_per_dim.max().item()}
 
 
 @torch.no_grad()
-def save_reconstructions(model, preview, train_step, path: Path) -> None:
-    """Faces over their reconstructions from the posterior mean."""
+def save_reconstructions(model, preview, train_step, path: Path) -> torch.Tensor:
+    """Faces over their reconstructions from the posterior mean; returns the grid."""
     model.eval()
-    x = train_step.to_input(preview)
     with train_step.autocast():
-        recon = model.decode(model.encode(x)[0]).float()
+        grid = figures.reconstruction_grid(model, train_step.to_input(preview))
     model.train()
-    save_image(make_grid(torch.cat([x, recon]), nrow=len(x)), path)
+    save_image(grid, path)
+    return grid
 
 
 @torch.no_grad()
-def save_samples(model, z_dim: int, seed: int, device, path: Path) -> None:
-    """64 faces decoded from z ~ N(0, I), the same z for the same seed."""
+def save_samples(model, z_dim: int, seed: int, device, path: Path) -> torch.Tensor:
+    """64 faces decoded from z ~ N(0, I), the same z for the same seed; returns the grid."""
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    samples = model.decode(torch.randn(64, z_dim, generator=generator).to(device)).float()
-    save_image(make_grid(samples, nrow=8), path)
+    grid = figures.sample_grid(model, 64, z_dim, device, generator=torch.Generator().manual_seed(seed))
+    save_image(grid, path)
+    return grid
+
+
+@torch.no_grad()
+def save_interpolations(model, preview, train_step, path: Path) -> torch.Tensor | None:
+    """A row per pair of preview faces: the pair's ends and the decodings along the line in z between
+    their posterior means. None when there are fewer than two faces."""
+    pairs = len(preview) // 2
+    if pairs == 0:
+        return None
+    model.eval()
+    x = train_step.to_input(preview[:2 * pairs])
+    with train_step.autocast():
+        grid = figures.interpolation_grid(model, x[0::2], x[1::2])
+    save_image(grid, path)
+    return grid
+
+
+def tensorboard_writer():
+    """torch's SummaryWriter class; a TrainingError when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exn:
+        raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                            "(or pip install -e '.[tensorboard]')") from exn
+    return SummaryWriter
+
+
+def read_history(path: Path, epochs: int) -> list[dict]:
+    """The metrics.jsonl rows of epochs 1..`epochs`, the last written of each: what a resumed run's
+    curves continue from."""
+    rows = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if row.get("epoch", 0) <= epochs:
+                    rows[row["epoch"]] = row
+    return [rows[e] for e in sorted(rows)]
 
 
 # ----------------------------------------------------------------------------- main
@@ -355,6 +418,7 @@ def main(args):
     use_compile = default_compile(device) if args.compile is None else args.compile
     out_dir = Path(args.output_dir)
     check_output_dir(args)  # creates nothing: a run that stops on a bad flag or path leaves no trace
+    summary_writer = tensorboard_writer() if args.tensorboard else None
     resumed = resume_state(args, world_size, master) if args.resume else None
     if args.resume and resumed is None:
         if ddp:
@@ -411,45 +475,75 @@ def main(args):
     if master:
         prepare_output_dir(out_dir, args.overwrite, start_epoch, resumed_from)
     last_good = (resumed_from, start_epoch) if resumed_from else None
+    writer = summary_writer(str(out_dir / "tb")) if summary_writer and master else None
+
+    def log_step(step, means):
+        for k, v in means.items():
+            writer.add_scalar(f"train_step/{k}", v, step)
+    # Curves and wall time continue across --resume from the rows already written.
+    history = read_history(out_dir / METRICS, start_epoch) if master and start_epoch else []
+    started = time.perf_counter() - (history[-1].get("wall_s", 0.0) if history else 0.0)
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, args.epochs):
             train_loader.set_epoch(epoch)
-            train = train_one_epoch(train_step, train_loader, epoch, args, world_size, out_dir, show=master)
+            train = train_one_epoch(train_step, train_loader, epoch, args, world_size, out_dir, show=master,
+                                    log=log_step if writer is not None else None)
             val = evaluate(raw_model, val_loader, train_step, args.beta)
             if master:
                 record = {"epoch": epoch + 1,
                           **{f"train_{k}": train[k] for k in VAELoss._fields},
                           **{f"val_{k}": v for k, v in val.items()},
+                          "train_bits_per_dim": VAELoss.bits_per_dim(train["neg_elbo"]),
                           "val_bits_per_dim": VAELoss.bits_per_dim(val["neg_elbo"]),
-                          "images_per_s": train["images_per_s"], "seconds": train["seconds"]}
-                # The checkpoint last: an epoch it holds has its picture and its metrics line (a resume
+                          "lr": optimizer.param_groups[0]["lr"],
+                          "images_per_s": train["images_per_s"], "seconds": train["seconds"],
+                          "wall_s": time.perf_counter() - started}
+                history.append(record)
+                # The checkpoint last: an epoch it holds has its pictures and its metrics line (a resume
                 # drops the lines of epochs past the checkpoint).
                 try:
-                    save_reconstructions(raw_model, preview, train_step,
-                                         out_dir / f"reconstructions_epoch{epoch + 1}.png")
+                    grid = save_reconstructions(raw_model, preview, train_step,
+                                                out_dir / f"reconstructions_epoch{epoch + 1}.png")
                     with open(out_dir / METRICS, "a") as f:
                         f.write(json.dumps(record) + "\n")
+                    figures.save_curves(history, out_dir / "curves.png")
                     save_checkpoint(out_dir / CHECKPOINT, raw_model, optimizer, train_step.scaler, epoch + 1, args,
                                     device, world_size)
                 except OSError as exn:
                     raise write_failure(exn, out_dir, last_good) from None
                 last_good = (out_dir / CHECKPOINT, epoch + 1)
+                if writer is not None:
+                    for k, v in record.items():
+                        if k != "epoch":
+                            writer.add_scalar(f"epoch/{k}", v, epoch + 1)
+                    writer.add_image("reconstructions", grid, epoch + 1)
+                    writer.flush()
                 print(f"epoch {epoch + 1}: train loss {train['loss']:.4f} | val loss {val['loss']:.4f}, "
-                      f"{record['val_bits_per_dim']:.3f} bits/dim | {record['images_per_s']:.0f} img/s")
+                      f"{record['val_bits_per_dim']:.3f} bits/dim, PSNR {val['psnr']:.2f} dB, "
+                      f"{val['active_dims']}/{args.z_dim} active dims | {record['images_per_s']:.0f} img/s")
     except KeyboardInterrupt:
         if master:
             print(f"\ninterrupted in epoch {epoch + 1}; {out_dir / CHECKPOINT} holds the last whole epoch. "
                   f"Continue with the same command and --resume", file=sys.stderr)
+        if writer is not None:
+            writer.close()
         return 130
 
     if master:
         try:  # the weights last: they mark a finished run
-            save_samples(raw_model, args.z_dim, args.seed, device, out_dir / "generated_samples.png")
+            samples = save_samples(raw_model, args.z_dim, args.seed, device, out_dir / "generated_samples.png")
+            lines = save_interpolations(raw_model, preview, train_step, out_dir / "interpolations.png")
             save_weights(out_dir / WEIGHTS, raw_model)
         except OSError as exn:
             raise write_failure(exn, out_dir, last_good) from None
-        print(f"wrote {out_dir / WEIGHTS}, {out_dir / 'generated_samples.png'}")
+        if writer is not None:
+            writer.add_image("generated_samples", samples, args.epochs)
+            if lines is not None:
+                writer.add_image("interpolations", lines, args.epochs)
+            writer.close()
+        written = [WEIGHTS, "generated_samples.png"] + (["interpolations.png"] if lines is not None else [])
+        print(f"wrote {', '.join(str(out_dir / name) for name in written)}")
     if ddp:
         dist.destroy_process_group()
     return 0

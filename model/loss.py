@@ -6,7 +6,10 @@ sits beside a KL of tens to hundreds of nats, so beta=1 lets KL dominate and the
 to one average face; beta=0.001 keeps reconstructions sharp while still shaping the latent space.
 
 The negative ELBO (BCE summed over the 3*64*64 pixels + KL, per image) is reported beside it in
-nats and bits/dim so that numbers compare with the literature, whatever beta is.
+nats and bits/dim, a figure that does not depend on beta. It compares runs of this project only:
+BCE against continuous targets in [0, 1] is not the log-likelihood of 8-bit pixels (a grey pixel
+reconstructed exactly still costs ln 2), so it is not the discretised bits/dim of published
+models. PSNR (model/metrics.py) is the figure that compares across projects.
 """
 
 import math

@@ -52,3 +52,15 @@ def split_keys(shards: Path, split: str) -> list[str]:
     manifest = json.loads((shards / "manifest.json").read_text())
     return [line.split()[3].split(".")[0] for entry in manifest["splits"][split]["shards"]
             for line in (shards / entry["idx"]).read_text().splitlines()[1:]]
+
+
+@pytest.fixture(scope="session")
+def trained(shards, tmp_path_factory) -> Path:
+    """The output folder of a 3-epoch train.py run on `shards` (batch 32, one worker, streamed from the
+    torch loader): the tests of train.py and generate.py read the same run."""
+    import train
+
+    out = tmp_path_factory.mktemp("run")
+    assert train.main(train.parse_args(["--data-path", str(shards), "--output-dir", str(out), "--batch-size", "32",
+                                        "--workers", "1", "--epochs", "3", "--cache", "off"])) == 0
+    return out

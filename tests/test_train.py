@@ -1,6 +1,7 @@
 """train.py end to end on the synthetic shards, on the CPU."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -39,14 +40,6 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def trained(shards, tmp_path_factory):
-    """Three epochs streamed from the torch loader."""
-    out = tmp_path_factory.mktemp("run")
-    assert run(shards, out, "--epochs", "3", "--cache", "off") == 0
-    return out
-
-
 def test_training_lowers_the_loss(trained):
     rows = metrics(trained)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -57,6 +50,22 @@ def test_training_lowers_the_loss(trained):
         assert r["val_loss"] == pytest.approx(r["val_bce"] + 1e-3 * r["val_kl"], rel=1e-5)
 
 
+def test_metrics_rows_carry_the_quality_figures(trained):
+    rows = metrics(trained)
+    for r in rows:
+        for key in ("val_mse", "val_psnr", "val_kl_dim_median", "val_kl_dim_max", "train_bits_per_dim", "lr",
+                    "wall_s"):
+            assert math.isfinite(r[key]), key
+        assert 0 < r["val_mse"] < 0.25 and 5 < r["val_psnr"] < 60
+        # PSNR is averaged per image: by Jensen it is at least the PSNR of the mean MSE.
+        assert r["val_psnr"] >= -10 * math.log10(r["val_mse"])
+        assert isinstance(r["val_active_dims"], int) and 0 <= r["val_active_dims"] <= 128
+        assert 0 <= r["val_kl_dim_median"] <= r["val_kl_dim_max"] and r["val_kl_dim_max"] * 128 >= r["val_kl"]
+        assert r["lr"] == 3e-4
+    assert rows[-1]["val_psnr"] > rows[0]["val_psnr"]
+    assert all(b["wall_s"] >= a["wall_s"] + b["seconds"] for a, b in zip(rows, rows[1:]))
+
+
 def test_outputs_are_pngs_of_the_right_size(trained):
     for epoch in (1, 2, 3):
         with Image.open(trained / f"reconstructions_epoch{epoch}.png") as im:
@@ -64,6 +73,12 @@ def test_outputs_are_pngs_of_the_right_size(trained):
     with Image.open(trained / "generated_samples.png") as im:
         im.load()
         assert im.format == "PNG" and im.size == (8 * 66 + 2, 8 * 66 + 2)
+    with Image.open(trained / "curves.png") as im:
+        im.load()
+        assert im.format == "PNG" and im.size == (1000, 700)
+    with Image.open(trained / "interpolations.png") as im:
+        im.load()  # 8 pairs of the 16 preview faces: A, 8 decodings, B
+        assert im.format == "PNG" and im.size == (10 * 66 + 2, 8 * 66 + 2)
 
 
 def test_seed_readme_snippet_loads_the_weights(trained):
@@ -86,7 +101,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(shards, tmp_path)
     assert run(shards, tmp_path / "resumed", "--epochs", "1", "--seed", "3", "--cache", "off") == 0
     assert run(shards, tmp_path / "resumed", "--epochs", "2", "--seed", "3", "--cache", "off", "--resume") == 0
     assert same_weights(tmp_path / "straight", tmp_path / "resumed")
-    assert [r["epoch"] for r in metrics(tmp_path / "resumed")] == [1, 2]
+    rows = metrics(tmp_path / "resumed")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    # The wall clock continues from the first run's rather than starting again.
+    assert rows[1]["wall_s"] >= rows[0]["wall_s"] + rows[1]["seconds"]
 
 
 def test_resume_with_the_cache_gives_the_same_weights_as_an_uninterrupted_run(shards, tmp_path, capsys):
@@ -171,7 +189,7 @@ def test_help_explains_every_flag():
     assert result.returncode == 0
     for flag in ("--data-path", "--loader", "--epochs", "--batch-size", "--lr", "--beta", "--z-dim", "--workers",
                  "--device", "--amp", "--channels-last", "--compile", "--crop", "--output-dir", "--resume", "--seed",
-                 "--cache"):
+                 "--cache", "--tensorboard"):
         assert flag in result.stdout
 
 
@@ -218,3 +236,37 @@ def test_setup_device_names_the_gpu_it_sets(monkeypatch):
         device, rank, world_size = train.setup_device(train.parse_args(["--device", flag]))
         assert device == torch.device("cuda", 0) and (rank, world_size) == (0, 1)
     assert chosen == [0, 0, 0]
+
+
+def test_tensorboard_logs_scalars_and_reconstructions(shards, tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed: pip install -e '.[tensorboard]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert run(shards, tmp_path, "--epochs", "2", "--tensorboard") == 0
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = events.Tags()
+    for tag in ("train_step/loss", "train_step/bce", "train_step/kl", "epoch/train_loss", "epoch/val_loss",
+                "epoch/val_psnr", "epoch/val_mse", "epoch/val_active_dims", "epoch/val_bits_per_dim", "epoch/lr"):
+        assert tag in tags["scalars"], tag
+    steps_per_epoch = len(train.build_loader("torch", shards, "train", 32, "cpu", workers=0))
+    assert [e.step for e in events.Scalars("train_step/loss")] == [steps_per_epoch, 2 * steps_per_epoch]
+    rows = metrics(tmp_path)
+    assert [e.step for e in events.Scalars("epoch/val_psnr")] == [1, 2]
+    assert [e.value for e in events.Scalars("epoch/val_psnr")] == pytest.approx([r["val_psnr"] for r in rows])
+    assert [e.step for e in events.Images("reconstructions")] == [1, 2]
+    assert {"generated_samples", "interpolations"} <= set(tags["images"])
+
+
+def test_tensorboard_without_the_package_is_one_clear_line(shards, tmp_path):
+    # A `tensorboard` that fails to import, first on the path: as if it were not installed.
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "__init__.py").write_text("raise ImportError('No module named tensorboard')")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "train.py", "--data-path", str(shards), "--output-dir",
+                             str(tmp_path / "out"), "--tensorboard", "--epochs", "1", *FAST],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: --tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '.[tensorboard]')"]
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+

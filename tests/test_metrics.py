@@ -1,0 +1,100 @@
+"""The quality figures (model/metrics.py), train.evaluate's averaging of them, and model/figures.py's lines in z."""
+
+import math
+
+import pytest
+import torch
+
+import train
+from model import VariationalAutoEncoder, vae_loss
+from model import figures, metrics
+from model.step import TrainStep
+
+
+def fixed_pair(seed=0, batch=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 3, 64, 64, generator=g)
+    x_hat = (x + 0.1 * torch.randn(batch, 3, 64, 64, generator=g) * torch.arange(1, batch + 1).view(-1, 1, 1, 1))
+    return x_hat.clamp(0, 1), x
+
+
+def test_mse_and_psnr_match_a_float64_computation():
+    x_hat, x = fixed_pair()
+    mse64 = ((x_hat.double() - x.double()) ** 2).mean(dim=(1, 2, 3))
+    psnr64 = torch.tensor([10 * math.log10(1 / m) for m in mse64.tolist()], dtype=torch.float64)
+    mse = metrics.mse_per_image(x_hat, x)
+    assert mse.shape == (5,) and mse.dtype == torch.float32
+    torch.testing.assert_close(mse.double(), mse64, rtol=1e-5, atol=0)
+    torch.testing.assert_close(metrics.psnr(mse).double(), psnr64, rtol=0, atol=1e-4)
+    # Images with more noise score lower: the figure is per image, not of the batch as a whole.
+    assert torch.all(metrics.psnr(mse).diff() < 0)
+
+
+def test_mse_is_computed_in_fp32_from_bf16_inputs():
+    x_hat, x = fixed_pair(1)
+    low = metrics.mse_per_image(x_hat.bfloat16(), x.bfloat16())
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, metrics.mse_per_image(x_hat.bfloat16().float(), x.bfloat16().float()))
+
+
+def test_a_perfect_reconstruction_has_a_finite_psnr():
+    x = torch.rand(2, 3, 64, 64)
+    assert metrics.psnr(metrics.mse_per_image(x, x)).tolist() == [100.0, 100.0]
+
+
+def test_kl_per_dim_matches_the_closed_form_and_sums_to_the_loss_kl():
+    g = torch.Generator().manual_seed(2)
+    mu, logvar = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g).clamp(-4, 4)
+    m, lv = mu.double(), logvar.double()
+    expected = 0.5 * (m**2 + lv.exp() - 1 - lv)
+    kl = metrics.kl_per_dim(mu, logvar)
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-5, atol=1e-6)
+    x = torch.rand(6, 3, 64, 64, generator=g)
+    assert kl.sum(1).mean().item() == pytest.approx(vae_loss(x, x, mu, logvar).kl.item(), rel=1e-5)
+
+
+def test_active_dims_counts_dimensions_above_the_threshold():
+    mean_kl = torch.tensor([0.0, 0.009, 0.0101, 0.5, 3.0, 0.01])
+    assert metrics.active_dims(mean_kl) == 3
+    # The prior itself as posterior: every dimension inactive.
+    assert metrics.active_dims(metrics.kl_per_dim(torch.zeros(4, 8), torch.zeros(4, 8)).mean(0)) == 0
+
+
+def test_evaluate_averages_per_image_over_uneven_batches():
+    torch.manual_seed(0)
+    model = VariationalAutoEncoder(z_dim=32)
+    with torch.no_grad():  # half the dimensions far from the prior, so the active count is not trivially 0
+        model.hid_2mu.weight[:16] *= 100
+    step = TrainStep(model, torch.optim.Adam(model.parameters()), "cpu", channels_last=False)
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8, generator=g) for n in (5, 2, 3)]
+    result = train.evaluate(model, batches, step, beta=1e-3)
+    assert model.training  # evaluate puts the model back in training mode
+
+    with torch.no_grad():
+        x = torch.cat(batches).float() / 255
+        mu, logvar = model.encode(x)
+        mse = ((model.decode(mu).double() - x.double()) ** 2).mean(dim=(1, 2, 3))
+        mean_kl = metrics.kl_per_dim(mu, logvar).double().mean(0)
+    assert result["mse"] == pytest.approx(mse.mean().item(), rel=1e-5)
+    assert result["psnr"] == pytest.approx((-10 * torch.log10(mse)).mean().item(), abs=1e-4)
+    assert result["kl"] == pytest.approx(mean_kl.sum().item(), rel=1e-4)
+    assert result["active_dims"] == int((mean_kl > 0.01).sum())
+    assert result["kl_dim_max"] == pytest.approx(mean_kl.max().item(), rel=1e-5)
+    assert 0 < result["active_dims"] < 32
+
+
+def test_interpolation_runs_on_the_straight_line_between_posterior_means():
+    torch.manual_seed(0)
+    model = VariationalAutoEncoder(z_dim=16).eval()
+    a, b = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64)
+    line = figures.interpolate(model, a, b, steps=5)
+    assert line.shape == (3, 5, 3, 64, 64)
+    with torch.no_grad():
+        mu_a, mu_b = model.encode(a)[0], model.encode(b)[0]
+        for i, t in enumerate(torch.linspace(0, 1, 5).tolist()):
+            torch.testing.assert_close(line[:, i], model.decode(mu_a + t * (mu_b - mu_a)), rtol=1e-4, atol=1e-5)
+    grid = figures.interpolation_grid(model, a, b, steps=5)
+    assert grid.shape == (3, 3 * 66 + 2, 7 * 66 + 2)  # rows: A, 5 decodings, B
+    torch.testing.assert_close(grid[:, 2:66, 2:66], a[0])
+    torch.testing.assert_close(grid[:, 2:66, 6 * 66 + 2:7 * 66], b[0])
