@@ -65,7 +65,7 @@ def decode_crop(jpeg: bytes, crop: str) -> np.ndarray:
         if image.shape[:2] != (scaled_height, scaled_width):  # not the scale asked for: start again whole
             image, box = simplejpeg.decode_jpeg(jpeg, colorspace="RGB"), crop_box(width, height, crop)
     except ValueError:  # not a JPEG simplejpeg reads (CMYK, a PNG named .jpg): PIL reads the rest
-        image = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        image = np.array(Image.open(io.BytesIO(jpeg)).convert("RGB"))  # writable, as torch wants
         box = crop_box(image.shape[1], image.shape[0], crop)
     left, top, right, bottom = box
     return image[top:bottom, left:right]
