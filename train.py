@@ -35,7 +35,7 @@ from model import BETA, VariationalAutoEncoder, VAELoss, vae_loss
 from model import figures, metrics
 from model.checkpoint import (CheckpointError, load_checkpoint, previous, restore_checkpoint, save_checkpoint,
                               save_weights, setting_changes, settings_of)
-from model.step import TrainStep, default_compile, make_optimizer, resolve_amp
+from model.step import TrainStep, make_optimizer, resolve_amp, resolve_compile
 from pipeline import CROPS, LOADERS, DataError, build_loader, cli, default_workers, split_size
 from pipeline.cache import CACHE_MODES, MEMORY_FRACTION, plan as plan_cache
 from pipeline.shards import split_shards
@@ -78,7 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory format, faster convolutions on GPUs")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training step; None: on for CUDA, off on CPU where it does not help")
+                   help="torch.compile the training step; None: on for CUDA and for bf16 on a CPU (with a C++ compiler), "
+                   "off for fp32 on a CPU, where it gained too little (benchmarks/RESULTS.md)")
     p.add_argument("--crop", choices=CROPS, default="center", help="center: the usual 148x148 CelebA-64 crop; "
                    "none: squash the whole 178x218 frame like the original seed code")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
@@ -415,7 +416,7 @@ def main(args):
     device, rank, world_size = setup_device(args)
     ddp, master = world_size > 1, rank == 0
     amp, amp_why = resolve_amp(args.amp, device)
-    use_compile = default_compile(device) if args.compile is None else args.compile
+    use_compile, compile_why = resolve_compile(args.compile, device, amp)
     out_dir = Path(args.output_dir)
     check_output_dir(args)  # creates nothing: a run that stops on a bad flag or path leaves no trace
     summary_writer = tensorboard_writer() if args.tensorboard else None
@@ -433,7 +434,7 @@ def main(args):
         if ddp:
             each = f"{threads[0]} per process" if len(set(threads)) == 1 else f"{threads} by rank"
             uses = f"{world_size} processes ({dist.get_backend()}), CPU threads {each}"
-        print(f"device {device} | amp {amp} ({amp_why}) | compile {'on' if use_compile else 'off'} | "
+        print(f"device {device} | amp {amp} ({amp_why}) | compile {'on' if use_compile else 'off'} ({compile_why}) | "
               f"channels_last {'on' if args.channels_last else 'off'} | {uses}")
 
     # ------------------------------------------------------------------------- data

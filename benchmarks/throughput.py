@@ -50,7 +50,7 @@ from torchvision import transforms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from model import CLAMP_EPS, VariationalAutoEncoder  # noqa: E402
-from model.step import TrainStep, default_compile, make_optimizer, resolve_amp  # noqa: E402
+from model.step import TrainStep, make_optimizer, resolve_amp, resolve_compile  # noqa: E402
 from pipeline import build_loader, cli, default_workers  # noqa: E402
 
 CELEBA_TRAIN = 162_770
@@ -256,11 +256,14 @@ def modes_for(args):
         "compile": dict(amp="off", channels_last=True, compile=True),
         "bf16+compile": dict(amp="bf16", channels_last=True, compile=True),
         "compile-cudagraphs": dict(amp=default_amp, channels_last=True, compile=True, compile_mode="reduce-overhead"),
-        "default": dict(amp=default_amp, channels_last=True, compile=default_compile(args.device)),  # train.py's
+        "default": dict(amp=default_amp, channels_last=True,  # train.py's choices
+                        compile=resolve_compile(None, args.device, default_amp)[0]),
     }
     if not cuda:
-        if args.quick:
-            modes["compile"] = modes["bf16+compile"] = "--quick skips it: about 20 s of compiling on a CPU"
+        if args.quick:  # compiling takes 10-25 s on a CPU: of the compiled modes, only train.py's own is timed
+            for mode in ("compile", "bf16+compile"):
+                if {"compile_mode": None, **modes[mode]} != {"compile_mode": None, **modes["default"]}:
+                    modes[mode] = "--quick skips it: about 20 s of compiling on a CPU"
         modes["fp16"] = "fp16 with a GradScaler is a CUDA mode"
         modes["compile-cudagraphs"] = "CUDA graphs need CUDA"
     if default_amp != "bf16":  # bf16 where train.py would not pick it: timed all the same, for comparison
@@ -429,9 +432,12 @@ def main(argv=None):
                 bar.update()
                 continue
             skipped_graphs = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+            # Compiled modes warm up longer: on the 2-core CPU, one run's windows right after compiling went
+            # from 341 to 626 img/s (benchmarks/RESULTS.md), so 2 untimed steps were not enough there.
             row = run_row(f"step {mode}", lambda: timed(
-                itertools.cycle(batches), project_step(settings, device), warmup=warmup, steps=args.steps,
-                repeats=args.repeats, device=device))
+                itertools.cycle(batches), project_step(settings, device),
+                warmup=warmup * (4 if settings.get("compile") else 1), steps=args.steps, repeats=args.repeats,
+                device=device))
             if settings.get("compile_mode") == "reduce-overhead":
                 # Inductor falls back to plain compiled kernels, with a log line, where it cannot graph.
                 row["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skipped_graphs

@@ -62,5 +62,6 @@ def trained(shards, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("run")
     assert train.main(train.parse_args(["--data-path", str(shards), "--output-dir", str(out), "--batch-size", "32",
-                                        "--workers", "1", "--epochs", "3", "--cache", "off"])) == 0
+                                        "--workers", "1", "--epochs", "3", "--cache", "off",
+                                        "--no-compile"])) == 0
     return out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from model.step import native_bf16_cpu
+from model.step import native_bf16_cpu, resolve_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,9 +42,12 @@ def test_quick_benchmark_reports_every_row(tmp_path):
     assert check("loaders", names) == {"seed", "torch", "dali", "cache"}
     measured = check("train_step", ["seed", "fp32", "channels_last", "bf16", "fp16", "compile", "bf16+compile",
                                     "compile-cudagraphs", "default"])
-    assert measured == {"seed", "fp32", "channels_last", "bf16", "default"}
-    # train.py's default on this CPU: bf16 where it has bf16 units, else fp32; channels_last, no compile
-    assert results["train_step"]["default"]["same_as"] == ("bf16" if native_bf16_cpu() else "channels_last")
+    # train.py's default on this CPU: bf16 and compiled where it has bf16 units (and a C++ compiler), else
+    # fp32 uncompiled; --quick times that one compiled mode and skips the others.
+    default = ("bf16+compile" if resolve_compile(None, "cpu", "bf16")[0] else "bf16") if native_bf16_cpu() \
+        else "channels_last"
+    assert measured == {"seed", "fp32", "channels_last", "bf16", "default", default}
+    assert results["train_step"]["default"]["same_as"] == default
     assert all(results["train_step"][m]["ms_per_step"] > 0 for m in measured)
     assert check("end_to_end", names) == {"seed", "torch", "dali", "cache"}
     for name in ("seed", "torch", "dali", "cache"):
@@ -77,7 +80,7 @@ def test_gpu_check_runs_every_step_as_a_dry_run_on_the_cpu(tmp_path):
     eight result files are there. On a GPU the same script runs them on CUDA (docs/cuda-paths.md)."""
     out = tmp_path / "out"
     env = {**os.environ, "DEVICE": "cpu", "PYTHON": sys.executable, "INSTALL": "0", "IMAGES": "120",
-           "TRAIN_ARGS": "--batch-size 16 --workers 1",
+           "TRAIN_ARGS": "--batch-size 16 --workers 1 --no-compile",
            "BENCH_ARGS": "--quick --loaders torch --synthetic 64 --batch-size 16 --workers 1 --steps 1 --repeats 1"}
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)

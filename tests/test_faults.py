@@ -28,7 +28,7 @@ from model import checkpoint
 from prep import shard
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--batch-size", "8", "--workers", "1"]
+FAST = ["--batch-size", "8", "--workers", "1", "--no-compile"]
 
 
 @pytest.fixture(scope="module")

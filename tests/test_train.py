@@ -16,7 +16,7 @@ from PIL import Image
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--batch-size", "32", "--workers", "1"]
+FAST = ["--batch-size", "32", "--workers", "1", "--no-compile"]  # compiling is tested once, below
 
 SEED_SNIPPET = """
 import torch
