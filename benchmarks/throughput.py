@@ -262,7 +262,7 @@ def modes_for(args):
     if not cuda:
         if args.quick:  # compiling takes 10-25 s on a CPU: of the compiled modes, only train.py's own is timed
             for mode in ("compile", "bf16+compile"):
-                if {"compile_mode": None, **modes[mode]} != {"compile_mode": None, **modes["default"]}:
+                if full_settings(modes[mode]) != full_settings(modes["default"]):
                     modes[mode] = "--quick skips it: about 20 s of compiling on a CPU"
         modes["fp16"] = "fp16 with a GradScaler is a CUDA mode"
         modes["compile-cudagraphs"] = "CUDA graphs need CUDA"
@@ -274,14 +274,17 @@ def modes_for(args):
     return modes
 
 
+def full_settings(settings: dict) -> dict:
+    """TrainStep's settings with its defaults filled in, so that equal steps compare equal."""
+    return {"compile": False, "compile_mode": None, **settings}
+
+
 def same_settings(modes, mode):
     """An earlier mode with the very same settings: measured once, reported under both names."""
-    def full(settings):
-        return {"compile": False, "compile_mode": None, **settings}
     for other, settings in modes.items():
         if other == mode:
             return None
-        if isinstance(settings, dict) and full(settings) == full(modes[mode]):
+        if isinstance(settings, dict) and full_settings(settings) == full_settings(modes[mode]):
             return other
     return None
 

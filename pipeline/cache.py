@@ -113,7 +113,7 @@ def fill(reader, keys: list[str], device, rank: int = 0, world_size: int = 1, pr
 def mirror(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """(B, 64, 64, 3) images, those where the bool `flips` is True mirrored left to right."""
     mirrored = images.flip(2)
-    # where() chooses whole images, so it may choose them as 8-byte words: on uint8 CPUs run it byte by byte.
+    # where() chooses whole images, so it may choose 8-byte words: on uint8 the CPU kernel goes byte by byte.
     def words(x):
         return x.view(len(x), -1).view(torch.int64)
     return torch.where(flips[:, None], words(mirrored), words(images)).view(torch.uint8).view(images.shape)
