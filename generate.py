@@ -36,7 +36,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows every flag's default and keeps the module docstring's layout."""
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The flags; parse_args adds the checks that involve several of them."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--weights", type=Path, default=Path("output/vae_celeba.pth"),
                    help="a state_dict written by train.py (its default --output-dir is output/)")
@@ -63,6 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--crop", choices=CROPS, default="center", help="the crop the weights were trained with "
                    "(train.py --crop)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     args.mode = "reconstruct" if args.reconstruct else "interpolate" if args.interpolate else "samples"
     if args.samples < 1 or args.limit < 1 or args.steps < 2 or args.temperature < 0:

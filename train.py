@@ -50,7 +50,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows every flag's default and keeps the module docstring's layout."""
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The flags; parse_args adds the checks that involve several of them."""
     p = cli.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data-path", default="dataset/celeba/shards",
                    help="folder with manifest.json and shards written by prep/shard.py")
@@ -103,6 +104,11 @@ def parse_args(argv=None):
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs to OUTPUT_DIR/tb: "
                    f"training scalars every {LOG_EVERY} steps, validation figures and reconstructions each epoch "
                    "(pip install tensorboard)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.resume == "":
         args.resume = str(Path(args.output_dir) / CHECKPOINT)
