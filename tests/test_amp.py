@@ -49,6 +49,7 @@ def test_the_first_line_of_a_run_says_which_and_why(cpu_kind, shards, tmp_path, 
     assert first.startswith("device cpu") and "amp off (this CPU has no native bf16" in first
 
 
+@pytest.mark.flag_effect("train.py", "--amp")
 @pytest.mark.skipif(native_bf16_cpu() is None, reason="this CPU has no bf16 units, where --amp auto stays off")
 def test_bf16_training_on_the_cpu_matches_fp32_quality(shards, tmp_path):
     """Same seed, same data: bf16 autocast ends within 1% of fp32's validation negative ELBO (measured 0.5%
@@ -61,6 +62,7 @@ def test_bf16_training_on_the_cpu_matches_fp32_quality(shards, tmp_path):
                                             "--no-compile"])) == 0
         finals[amp] = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["val_neg_elbo"]
     assert finals["bf16"] == pytest.approx(finals["off"], rel=0.01)
+    assert finals["bf16"] != finals["off"]  # two precisions, not one run twice
 
 
 @pytest.mark.parametrize("device, amp, compiler, expected", [

@@ -125,6 +125,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(run_dir, damage):
     assert expected in note and f"continuing from {source}, saved after epoch 1" in note and "\n" not in note
 
 
+@pytest.mark.flag_effect("train.py", "--resume")
 def test_resuming_from_the_previous_checkpoint_gives_the_uninterrupted_weights(tiny, run_dir, reference, capsys):
     os.truncate(run_dir / "checkpoint.pt", 1000)
     assert train_run(tiny, run_dir, "--epochs", "3", "--resume") == 0
@@ -158,6 +159,7 @@ def test_weights_given_to_resume_say_which_file_to_pass(tiny, run_dir, capsys):
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.flag_effect("train.py", "--resume-force")
 def test_resuming_with_other_settings_stops_with_one_line_per_difference(tiny, run_dir, capsys):
     before = snapshot(run_dir)
     assert train_run(tiny, run_dir, "--epochs", "3", "--resume", "--lr", "1e-3", "--crop", "none") == 1
@@ -172,6 +174,7 @@ def test_resuming_with_other_settings_stops_with_one_line_per_difference(tiny, r
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.flag_effect("train.py", "--resume-force")
 def test_resume_force_carries_on_with_the_new_settings(tiny, run_dir, capsys):
     assert train_run(tiny, run_dir, "--epochs", "3", "--resume", "--resume-force", "--lr", "1e-3") == 0
     assert "--resume-force: --lr 0.001 now, --lr 0.0003 in the checkpoint" in capsys.readouterr().err
@@ -191,6 +194,7 @@ def test_resuming_a_complete_run_changes_nothing(tiny, run_dir, capsys, epochs):
 # ----------------------------------------------------------------------------- the output folder
 
 
+@pytest.mark.flag_effect("train.py", "--overwrite")
 def test_a_previous_run_is_kept_unless_resume_or_overwrite(tiny, run_dir, capsys):
     before = snapshot(run_dir)
     assert train_run(tiny, run_dir, "--epochs", "1") == 1
@@ -199,6 +203,7 @@ def test_a_previous_run_is_kept_unless_resume_or_overwrite(tiny, run_dir, capsys
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.flag_effect("train.py", "--overwrite")
 def test_overwrite_replaces_the_previous_run(tiny, run_dir):
     (run_dir / "reconstructions_epoch7.png").write_bytes(b"from an older run")
     assert train_run(tiny, run_dir, "--epochs", "1", "--overwrite") == 0

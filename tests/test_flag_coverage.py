@@ -133,17 +133,20 @@ def coverage_problems(parsers: dict[str, argparse.ArgumentParser], sources: dict
     for script, names in flags.items():
         for flag in sorted(set(names.values())):
             if (script, flag) not in marked and (script, flag) not in exempt_flags:
-                problems.append(f"{script} {flag}: no test shows what it changes. Add a test marked "
-                                f"@pytest.mark.flag_effect({script!r}, {flag!r}) whose assertion fails when the flag "
-                                f"is ignored or misapplied; a flag that changes no result at all goes in EXEMPT in "
-                                f"tests/test_flag_coverage.py, with the reason")
+                problems.append(f"{script} {flag}: no test shows what it changes; add one marked "
+                                f"@pytest.mark.flag_effect({script!r}, {flag!r})")
     return problems
+
+
+HOW = ("A flag's test shows its effect at a value where ignoring or misapplying the flag gives another answer "
+       "(or, for a flag that must change no result, that the result is the same); a flag that changes no result "
+       "at all goes in EXEMPT in tests/test_flag_coverage.py, with the reason.")
 
 
 def test_every_flag_has_a_test_of_its_effect_or_a_reason_it_needs_none():
     sources = {str(path.relative_to(TESTS.parent)): path.read_text() for path in sorted(TESTS.rglob("*.py"))}
     problems = coverage_problems({script: build() for script, build in PARSERS.items()}, sources, EXEMPT)
-    assert not problems, "\n".join(["flag-effect marks:", *problems])
+    assert not problems, "\n".join([*problems, HOW])
 
 
 # ----------------------------------------------------------------------------- the check itself

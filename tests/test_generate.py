@@ -32,6 +32,9 @@ def test_samples_are_train_pys_samples_for_the_same_seed(trained, tmp_path):
     assert np.array_equal(pixels(tmp_path / "s.png"), pixels(trained / "generated_samples.png"))
 
 
+@pytest.mark.flag_effect("generate.py", "--samples")
+@pytest.mark.flag_effect("generate.py", "--temperature")
+@pytest.mark.flag_effect("generate.py", "--seed")
 def test_samples_temperature_and_grid(trained, tmp_path):
     assert gen(trained, "--samples", 10, "--temperature", 0, "--out", tmp_path / "flat.png") == 0
     flat = pixels(tmp_path / "flat.png")
@@ -52,6 +55,8 @@ def test_images_get_the_loaders_crop_and_resize(shards, faces_dir):
         assert torch.equal(generate.read_image(faces_dir / f"{key}.jpg", "center"), image)
 
 
+@pytest.mark.flag_effect("generate.py", "--reconstruct")
+@pytest.mark.flag_effect("generate.py", "--limit")
 def test_reconstruct_files_and_folders(trained, faces_dir, tmp_path):
     folder = tmp_path / "faces"
     folder.mkdir()
@@ -72,6 +77,8 @@ def test_reconstruct_files_and_folders(trained, faces_dir, tmp_path):
     assert pixels(out).shape == (2 * 66 + 2, 2 * 66 + 2, 3)
 
 
+@pytest.mark.flag_effect("generate.py", "--interpolate")
+@pytest.mark.flag_effect("generate.py", "--steps")
 def test_interpolate(trained, faces_dir, tmp_path):
     out = tmp_path / "i.png"
     assert gen(trained, "--interpolate", faces_dir / "000001.jpg", faces_dir / "000002.jpg", "--steps", 5,
@@ -92,6 +99,7 @@ def one_line_error(*argv):
     return lines[0]
 
 
+@pytest.mark.flag_effect("generate.py", "--z-dim")
 def test_a_z_dim_mismatch_names_both_sizes(trained):
     line = one_line_error("--weights", trained / "vae_celeba.pth", "--z-dim", 64)
     assert "--z-dim 64" in line and "z_dim 128" in line

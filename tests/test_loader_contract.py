@@ -92,6 +92,7 @@ def test_evaluation_epochs_keep_every_sample_once_in_a_fixed_order(name, layout,
         first = per_rank
 
 
+@pytest.mark.flag_effect("train.py", "--flip")
 @pytest.mark.parametrize("name", ALL_LOADERS)
 def test_training_flips_are_mirrors_and_repeatable(name, shards):
     plain = by_key(build_loader(name, shards, "train", BATCH, "cpu", train=False, with_keys=True, workers=1))
@@ -106,6 +107,19 @@ def test_training_flips_are_mirrors_and_repeatable(name, shards):
             assert torch.equal(image, plain[key])
     assert 0.25 < mirrored / len(first) < 0.75
     assert all(image.float().std() > 10 for image in first.values()), "real pictures, not a constant fill"
+
+
+@pytest.mark.flag_effect("train.py", "--flip")
+@pytest.mark.parametrize("name", ALL_LOADERS)
+def test_training_without_flips_gives_the_images_as_they_are(name, shards):
+    plain = by_key(build_loader(name, shards, "train", BATCH, "cpu", train=False, with_keys=True, workers=1))
+    assert all(not torch.equal(image, image.flip(-1)) for image in plain.values()), "a flip would not show"
+    train = build_loader(name, shards, "train", BATCH, "cpu", flip=False, with_keys=True, workers=1)
+    for number in range(2):
+        train.set_epoch(number)
+        seen = by_key(train)
+        assert len(seen) == train.num_samples > 0
+        assert all(torch.equal(image, plain[key]) for key, image in seen.items()), "flip=False: no image mirrored"
 
 
 @pytest.mark.parametrize("name", ALL_LOADERS)

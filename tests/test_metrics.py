@@ -84,6 +84,28 @@ def test_evaluate_averages_per_image_over_uneven_batches():
     assert 0 < result["active_dims"] < 32
 
 
+def test_evaluate_averages_psnr_per_image_when_the_errors_differ_widely():
+    """Grey faces, which an untrained decoder's near-0.5 output almost matches, beside black-and-white noise:
+    the mean of per-image PSNRs is tens of dB away from the PSNR of a batch's mean MSE."""
+    torch.manual_seed(0)
+    model = VariationalAutoEncoder(z_dim=16)
+    step = TrainStep(model, torch.optim.Adam(model.parameters()), "cpu", channels_last=False)
+    g = torch.Generator().manual_seed(4)
+    grey = torch.full((3, 64, 64), 128, dtype=torch.uint8)
+    noise = [torch.randint(0, 2, (3, 64, 64), dtype=torch.uint8, generator=g) * 255 for _ in range(3)]
+    batches = [torch.stack([grey, noise[0], grey, grey]), torch.stack([noise[1], grey]), torch.stack([noise[2]])]
+    result = train.evaluate(model, batches, step, beta=1e-3)
+
+    with torch.no_grad():
+        mse = [((model.decode(model.encode(b.float() / 255)[0]).double() - b.double() / 255) ** 2).mean(dim=(1, 2, 3))
+               for b in batches]
+    per_image = torch.cat([-10 * torch.log10(m) for m in mse])
+    assert per_image.max() - per_image.min() > 20  # dB: the errors differ widely
+    assert result["psnr"] == pytest.approx(per_image.mean().item(), abs=1e-3)
+    batch_mean = sum(len(m) * -10 * math.log10(m.mean().item()) for m in mse) / len(per_image)
+    assert abs(batch_mean - per_image.mean().item()) > 1
+
+
 def test_interpolation_runs_on_the_straight_line_between_posterior_means():
     torch.manual_seed(0)
     model = VariationalAutoEncoder(z_dim=16).eval()

@@ -78,6 +78,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
 
 
 # ---------------------------------------------------------------------------- 1. shards readable and complete
+@pytest.mark.flag_effect("prep/shard.py", "--data-path")
 def test_every_reader_sees_every_sample_with_the_manifest_counts(faces_dir, shards):
     manifest = load(shards)
     records = all_shards(manifest)
@@ -157,6 +158,7 @@ def test_idx_offsets_and_sizes_point_at_the_member_contents(shards):
 
 
 # ---------------------------------------------------------------------------- 3. manifest
+@pytest.mark.flag_effect("prep/shard.py", "--shard-size")
 def test_manifest_records_counts_sizes_checksums_and_options(faces_dir, shards):
     manifest = load(shards)
     assert manifest["format"] == "webdataset"
@@ -202,6 +204,16 @@ def test_sharding_is_deterministic(faces_dir, shards, tmp_path):
         assert (shards / rec["idx"]).read_bytes() == (out / rec["idx"]).read_bytes()
 
 
+# Computed once with the SHA-1 split: a key's split is the same in every process and on every machine.
+KNOWN_SPLITS = {"000001": "train", "000002": "train", "000003": "train", "000014": "test", "000017": "val",
+                "000020": "test", "000022": "val", "000034": "test", "000042": "val", "000053": "val",
+                "000079": "test", "000080": "test", "202599": "train", "face_ü": "val", "celeba_202599": "test"}
+
+
+def test_hash_split_of_a_key_is_fixed():
+    assert {key: shard.hash_split(key) for key in KNOWN_SPLITS} == KNOWN_SPLITS
+
+
 def test_hash_split_of_a_key_does_not_depend_on_the_other_files(faces_dir, shards, tmp_path):
     # Half the files: every remaining key keeps the split it had among all 240.
     data = tmp_path / "img_align_celeba"
@@ -226,6 +238,7 @@ def make_partition_folder(faces_dir, tmp_path, n_listed=30, extra=1):
     return data, partition, expected, files[n_listed:]
 
 
+@pytest.mark.flag_effect("prep/shard.py", "--partition-file")
 def test_official_partition_file_decides_the_splits(faces_dir, tmp_path):
     data, partition, expected, unlisted = make_partition_folder(faces_dir, tmp_path)
     out = tmp_path / "out"
@@ -240,6 +253,7 @@ def test_official_partition_file_decides_the_splits(faces_dir, tmp_path):
     assert manifest["reencoded"] == []
 
 
+@pytest.mark.flag_effect("prep/shard.py", "--partition-file")
 def test_explicit_partition_file_option(faces_dir, tmp_path):
     data, partition, expected, _ = make_partition_folder(faces_dir, tmp_path)
     moved = tmp_path / "elsewhere.txt"
@@ -451,6 +465,7 @@ def test_unfinished_run_of_other_options_needs_overwrite(faces_dir, tmp_path, mo
 
 
 # ---------------------------------------------------------------------------- 8. --synthetic end to end
+@pytest.mark.flag_effect("prep/shard.py", "--synthetic")
 def test_synthetic_option_makes_faces_then_shards(tmp_path):
     data = tmp_path / "img_align_celeba"
     assert shard.main(["--synthetic", "30", "--data-path", str(data), "--shard-size", "8",
@@ -489,6 +504,7 @@ def test_resume_after_a_shard_of_only_bad_files(faces_dir, tmp_path, monkeypatch
     assert manifest["splits"]["val"]["shards"] == []
 
 
+@pytest.mark.flag_effect("prep/shard.py", "--overwrite")
 def test_overwrite_leaves_no_shards_of_the_old_run(faces_dir, tmp_path):
     """--overwrite replaces the earlier shards: surplus ones would be read by anything globbing `train-*.tar`."""
     data = tmp_path / "img_align_celeba"
@@ -544,6 +560,7 @@ def copy_shards(shards: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.flag_effect("prep/shard.py", "--verify")
 def test_damaged_shards_are_found_and_only_they_are_rebuilt(faces_dir, shards, tmp_path, capsys):
     out = copy_shards(shards, tmp_path / "shards")
     names = [r["name"] for _, r in all_shards(load(shards))]
@@ -594,6 +611,7 @@ def test_the_loaders_hint_names_the_command_that_repairs(faces_dir, shards, tmp_
     assert (out / f"{name}.tar").read_bytes() == (shards / f"{name}.tar").read_bytes()
 
 
+@pytest.mark.flag_effect("prep/shard.py", "--overwrite")
 def test_overwrite_rebuilds_every_shard(faces_dir, tmp_path):
     data = tmp_path / "img_align_celeba"
     copy_faces(faces_dir, data, 40)

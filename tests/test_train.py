@@ -96,6 +96,7 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.flag_effect("train.py", "--resume")
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(shards, tmp_path):
     assert run(shards, tmp_path / "straight", "--epochs", "2", "--seed", "3", "--cache", "off") == 0
     assert run(shards, tmp_path / "resumed", "--epochs", "1", "--seed", "3", "--cache", "off") == 0
@@ -132,6 +133,7 @@ def test_the_cache_trains_and_writes_the_same_outputs(shards, trained, tmp_path,
     assert rows[-1]["val_loss"] == pytest.approx(streamed[-1]["val_loss"], rel=0.05)
 
 
+@pytest.mark.flag_effect("train.py", "--cache")
 def test_cache_on_that_does_not_fit_is_one_line(shards, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("pipeline.cache.MEMORY_FRACTION", 1e-9)  # a budget of a few bytes
     assert train.run(["--data-path", str(shards), "--output-dir", str(tmp_path), *FAST, "--cache", "on"]) == 1
@@ -179,6 +181,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_continues(shards, tmp_path)
     assert metrics(tmp_path)[-1]["epoch"] == done + 1
 
 
+@pytest.mark.flag_effect("train.py", "--compile")
 def test_compile_runs_on_cpu(shards, tmp_path):
     assert run(shards, tmp_path, "--epochs", "1", "--compile") == 0
     assert (tmp_path / "vae_celeba.pth").exists()
@@ -222,6 +225,7 @@ def test_dali_loader_without_dali_is_one_clear_line(shards, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.flag_effect("train.py", "--device")
 def test_setup_device_names_the_gpu_it_sets(monkeypatch):
     """`--device cuda` (and auto on a GPU machine) is a device without an index, which
     torch.cuda.set_device refuses; setup_device must hand it the current device's index. The check runs
@@ -238,6 +242,7 @@ def test_setup_device_names_the_gpu_it_sets(monkeypatch):
     assert chosen == [0, 0, 0]
 
 
+@pytest.mark.flag_effect("train.py", "--tensorboard")
 def test_tensorboard_logs_scalars_and_reconstructions(shards, tmp_path):
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed: pip install -e '.[tensorboard]'")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
