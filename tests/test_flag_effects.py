@@ -230,8 +230,9 @@ def test_seed_sets_the_data_order_the_flips_and_the_first_weights(shards, tmp_pa
 
 @pytest.mark.flag_effect("train.py", "--workers")
 def test_workers_change_how_fast_images_come_not_which(shards, tmp_path):
-    """Evaluation batches, and a cached split's training batches, are the same for any worker count. (The
-    torch loader's streamed training order is not: each worker shuffles its own run of samples.)"""
+    """Evaluation batches, and a cached split's training batches, are the same for any worker count. The
+    torch loader's streamed training epoch holds the same images, but not in the same order or with the
+    same flips: each worker shuffles and flips its own run of samples."""
     runs = {}
     for workers in ("0", "2"):
         args = train_args(shards, tmp_path / "out", "--workers", workers)
@@ -241,6 +242,9 @@ def test_workers_change_how_fast_images_come_not_which(shards, tmp_path):
     (val0, train0), (val2, train2) = runs["0"], runs["2"]
     for a, b in ((val0, val2), (train0, train2)):
         assert len(a) == len(b) and all(ka == kb and torch.equal(ia, ib) for (ia, ka), (ib, kb) in zip(a, b))
+    streamed = [[k for _, keys in loaders(shards, tmp_path, "--workers", workers)[0] for k in keys]
+                for workers in ("0", "2")]
+    assert sorted(streamed[0]) == sorted(streamed[1])  # the same images in an epoch
 
 
 @pytest.mark.flag_effect("train.py", "--cache")
