@@ -45,7 +45,7 @@ def table_flags(page: Path, heading: str) -> set[str]:
             break
     flags = set()
     for row in rows[2:]:  # past the header and its rule
-        first = row.split("|")[1]
+        first = re.split(r"(?<!\\)\|", row)[1]  # a cell may hold an escaped \|
         flags.update(f for f in FLAG.findall(first) if not (f.startswith("--no-") and f"--{f[5:]}" in first))
     return flags
 
