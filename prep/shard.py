@@ -151,7 +151,7 @@ def read_partition(path: Path) -> tuple[dict[str, str], str]:
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        parts = line.split()
+        parts = line.rsplit(maxsplit=1)  # a file name may hold spaces
         if len(parts) != 2 or parts[1] not in names:
             fail(f"{path}, line {n}: expected '<file name> <0|1|2>', found {line!r}")
         table[parts[0]] = names[parts[1]]
