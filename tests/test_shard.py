@@ -597,6 +597,34 @@ def test_the_loaders_hint_names_the_command_that_repairs(faces_dir, shards, tmp_
     assert (out / f"{name}.tar").read_bytes() == (shards / f"{name}.tar").read_bytes()
 
 
+def test_the_printed_repair_command_works_verbatim_in_the_default_celeba_layout(faces_dir, tmp_path):
+    """dataset/celeba/img_align_celeba with list_eval_partition.txt beside it, sharded by a bare
+    `python prep/shard.py` from the checkout's root: the line a loader prints for a damaged shard,
+    split as a shell splits it and run from there, repairs it."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "prep").symlink_to(ROOT / "prep")  # the script runs from a checkout of its own
+    make_partition_folder(faces_dir, checkout / "dataset")
+    made = subprocess.run([sys.executable, "prep/shard.py", "--shard-size", "8", "--workers", "2", "--quiet"],
+                          cwd=checkout, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    out = checkout / "dataset" / "celeba" / "shards"
+    assert load(out)["num_samples"] == 30
+    name = all_shards(load(out))[0][1]["name"]
+    original = (out / f"{name}.tar").read_bytes()
+    os.truncate(out / f"{name}.tar", 3000)
+    from pipeline import DataError, build_loader
+    with pytest.raises(DataError) as caught:
+        build_loader("torch", out, name.split("-")[0], 8, "cpu", workers=0)
+    command = re.search(r"run `([^`]+)` to rebuild", str(caught.value)).group(1)
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "prep/shard.py"]
+    repaired = subprocess.run([sys.executable, *argv[1:]], cwd=checkout, capture_output=True, text=True, timeout=300)
+    assert repaired.returncode == 0, repaired.stderr
+    assert "rebuilt 1 shard" in repaired.stdout
+    assert (out / f"{name}.tar").read_bytes() == original
+
+
 def test_overwrite_rebuilds_every_shard(faces_dir, tmp_path):
     data = tmp_path / "img_align_celeba"
     copy_faces(faces_dir, data, 40)
