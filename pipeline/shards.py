@@ -59,7 +59,8 @@ def load_manifest(data_path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exn:
-        raise DataError(f"{path} is not a readable manifest ({exn}); {rebuild_hint(data_path)}") from exn
+        raise DataError(f"{path} is not a readable manifest ({exn}); {make_again_hint(data_path, overwrite=True)}") \
+            from exn
     problem = manifest_problem(manifest)
     if problem:
         raise DataError(f"{path}: {problem}, so these are not shards prep/shard.py wrote and nothing in the folder "
@@ -106,7 +107,8 @@ def shard_command(*flags) -> str:
 
 
 def make_again_hint(data_path, overwrite: bool = False) -> str:
-    flags = ["--data-path", "JPEG_FOLDER", "--output-dir", str(data_path)] + (["--overwrite"] if overwrite else [])
+    flags = ["--data-path", "JPEG_FOLDER", "--output-dir", str(Path(data_path).resolve())] + \
+        (["--overwrite"] if overwrite else [])
     return f"run `{shard_command(*flags)}` to make the shards again from their JPEGs"
 
 
