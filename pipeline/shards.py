@@ -46,15 +46,14 @@ class Span:
 
 
 def load_manifest(data_path) -> dict:
-    """The manifest of the shard folder `data_path`, its shard entries checked by `check_manifest`."""
+    """The manifest of the shard folder `data_path`, checked by `manifest_problem`."""
     data_path = Path(data_path)
     path = data_path / MANIFEST
     if not path.is_file():
         hint = ("make the shards first: `python prep/shard.py` for CelebA in dataset/celeba/img_align_celeba, "
                 "or `python prep/shard.py --synthetic 5000` for the built-in synthetic faces")
         if data_path.is_dir() and any(data_path.glob("*.jpg")):
-            hint = (f"{data_path} holds JPEGs, not shards: run "
-                    f"`{shlex.join(['python', 'prep/shard.py', '--data-path', str(data_path)])}` first")
+            hint = f"{data_path} holds JPEGs, not shards: run `{shard_command('--data-path', data_path)}` first"
         raise DataError(f"no {MANIFEST} in {data_path}: {hint}")
     try:
         manifest = json.loads(path.read_text())

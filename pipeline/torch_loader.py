@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.geometry import IMAGE_SIZE, crop_box
 from pipeline.shards import DataError, epoch_order, rank_samples, rebuild_hint, split_shards, take
 
-SHUFFLE_BUFFER = 2000  # samples per worker; shards are already shuffled at write time
+SHUFFLE_BUFFER = 2000  # samples (of the plan, per rank); shards are already shuffled at write time
 SHUFFLE_START = 256  # the buffer yields from this size on and grows to SHUFFLE_BUFFER: epochs start sooner
 DCT_SCALES = [Fraction(m, 8) for m in range(1, 9)]  # the downscalings libjpeg-turbo decodes directly
 
