@@ -38,7 +38,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pipeline import cli  # noqa: E402
-from pipeline.files import atomic_write, fsync_folder, temporary_beside  # noqa: E402
+from pipeline.files import atomic_write, temporary_beside  # noqa: E402
 from pipeline.shards import MANIFEST, SPLITS, manifest_problem, shard_command  # noqa: E402
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
@@ -297,8 +297,9 @@ class ShardWriter:
         record = {"name": self.name, "tar": self.tar.name, "idx": self.idx.name, "num_samples": self.count,
                   "bytes": self.tmp.stat().st_size, "sha256": sha256_file(self.tmp)}
         atomic_write(self.idx, dali_index(self.tmp).encode())
-        os.replace(self.tmp, self.tar)  # the tar last: a tar on disk always has its index
-        fsync_folder(self.out_dir)
+        # The tar last: a tar on disk always has its index. The folder is synced once, when the
+        # manifest is written; until then a run checks each journalled shard before trusting it.
+        os.replace(self.tmp, self.tar)
         return record
 
     def abort(self):
