@@ -360,10 +360,14 @@ def read_manifest(path: Path) -> tuple[dict | None, str | None]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exn:
         return None, f"cannot be read ({exn})"
-    if not isinstance(manifest, dict) or not {"plan", "splits"} <= manifest.keys() \
+    if not isinstance(manifest, dict) or not {"plan", "splits", "num_samples"} <= manifest.keys() \
+            or not isinstance(manifest["splits"], dict) \
             or not all(isinstance(manifest["splits"].get(s), dict) for s in SPLITS):
         return None, "is not a manifest prep/shard.py wrote"
     problem = manifest_problem(manifest)
+    if problem is None and not all({"name", "tar", "idx", "num_samples", "bytes", "sha256"} <= record.keys()
+                                   for s in SPLITS for record in manifest["splits"][s].get("shards", [])):
+        problem = "a shard's record lacks a field"
     return (None, f"is not a manifest prep/shard.py wrote: {problem}") if problem else (manifest, None)
 
 
