@@ -11,7 +11,12 @@ job without redoing or losing anything.
 
 Run again on finished shards, it checks the ones the manifest lists (present, and of the size it
 records; with --verify also their SHA-256 and DALI index) and rebuilds only those that are damaged
-or missing, from the JPEGs. --overwrite rebuilds everything.
+or missing, from the JPEGs. --overwrite rebuilds everything. A manifest.json it cannot read, or one
+it did not write, stops it without touching the folder unless --overwrite is given.
+
+File names become sample keys with "_" for every character other than letters, digits, "_" and "-"
+(a DALI index line is space-separated; webdataset splits a member name at its first dot); the manifest
+lists those under "renamed".
 """
 
 import argparse
@@ -84,7 +89,8 @@ def parser():
                    help="when the shards are already made: check each one's SHA-256 and DALI index too, not "
                         "only that it is there with the size the manifest records; damaged ones are rebuilt")
     p.add_argument("--overwrite", action="store_true",
-                   help="rebuild every shard, also over shards that an earlier run made from other inputs or options")
+                   help="rebuild every shard, also over shards that an earlier run made from other inputs or options, "
+                        "or beside a manifest.json this script cannot read or did not write")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
