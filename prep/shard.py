@@ -26,7 +26,6 @@ import json
 import os
 import random
 import re
-import shlex
 import signal
 import sys
 import tarfile
