@@ -14,6 +14,8 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
+# The flags a manifest's "rebuild" list may hold, each with one value: prep/shard.py's plan flags.
+REBUILD_FLAGS = ("--data-path", "--shard-size", "--seed", "--quality", "--partition-file")
 
 
 class DataError(RuntimeError):
@@ -44,18 +46,69 @@ class Span:
 
 
 def load_manifest(data_path) -> dict:
+    """The manifest of the shard folder `data_path`, checked by `manifest_problem`."""
     data_path = Path(data_path)
     path = data_path / MANIFEST
     if not path.is_file():
         hint = ("make the shards first: `python prep/shard.py` for CelebA in dataset/celeba/img_align_celeba, "
                 "or `python prep/shard.py --synthetic 5000` for the built-in synthetic faces")
         if data_path.is_dir() and any(data_path.glob("*.jpg")):
-            hint = f"{data_path} holds JPEGs, not shards: run `python prep/shard.py --data-path {data_path}` first"
+            hint = f"{data_path} holds JPEGs, not shards: run `{shard_command('--data-path', data_path)}` first"
         raise DataError(f"no {MANIFEST} in {data_path}: {hint}")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exn:
-        raise DataError(f"{path} is not a readable manifest ({exn}); {rebuild_hint(data_path)}") from exn
+        raise DataError(f"{path} is not a readable manifest ({exn}); {make_again_hint(data_path, overwrite=True)}") \
+            from exn
+    problem = manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path}: {problem}, so these are not shards prep/shard.py wrote and nothing in the folder "
+                        f"is read; {make_again_hint(data_path, overwrite=True)}")
+    return manifest
+
+
+def plain_name(name) -> bool:
+    """Whether `name` is a plain file name, which can only mean a file inside the folder it is joined to:
+    no path separator, not `.` or `..`, no URL scheme or drive (`pipe:`, `http:`, `C:`), no NUL, no
+    leading dash (an option to a command)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not name.startswith("-")
+            and not any(c in name for c in "/\\:\0"))
+
+
+def manifest_problem(manifest) -> str | None:
+    """What makes `manifest` more than data, or None: every file it names must be a plain file name
+    (`plain_name`), every count a count, and its rebuild flags only prep/shard.py's plan flags."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        return "it has no 'splits' table"
+    for split, entry in manifest["splits"].items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+            return f"split {split!r} has no list of shards"
+        for record in shards:
+            for field in ("tar", "idx"):
+                if not plain_name(record.get(field)):
+                    return (f"the {field} entry {record.get(field)!r} of split {split!r} is not a plain file name in "
+                            "the shard folder (it is a path, a URL or a command)")
+            for field in ("num_samples", "bytes"):
+                value = record.get(field, 0)
+                if type(value) is not int or value < 0:
+                    return f"the {field} of shard {record['tar']!r} is {value!r}, not a count"
+    flags = manifest.get("rebuild", [])
+    if not (isinstance(flags, list) and len(flags) % 2 == 0 and all(isinstance(f, str) for f in flags)
+            and all(flag in REBUILD_FLAGS for flag in flags[::2])):
+        return f"its rebuild flags {flags!r} are not prep/shard.py's plan flags"
+    return None
+
+
+def shard_command(*flags) -> str:
+    """`python prep/shard.py FLAGS`, quoted so that the line does exactly this when pasted into a shell."""
+    return shlex.join(["python", "prep/shard.py", *map(str, flags)])
+
+
+def make_again_hint(data_path, overwrite: bool = False) -> str:
+    flags = ["--data-path", "JPEG_FOLDER", "--output-dir", str(Path(data_path).resolve())] + \
+        (["--overwrite"] if overwrite else [])
+    return f"run `{shard_command(*flags)}` to make the shards again from their JPEGs"
 
 
 def rebuild_hint(data_path) -> str:
@@ -64,30 +117,41 @@ def rebuild_hint(data_path) -> str:
     data_path = Path(data_path)
     try:
         manifest = json.loads((data_path / MANIFEST).read_text())
+        if manifest_problem(manifest):
+            raise ValueError("not a manifest prep/shard.py wrote")
         flags = manifest.get("rebuild") or ["--data-path", manifest["source"]]
         source = Path(flags[flags.index("--data-path") + 1])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no manifest to say how they were made
-        return (f"run `python prep/shard.py --data-path JPEG_FOLDER --output-dir {shlex.quote(str(data_path))}` "
-                f"to make the shards again from their JPEGs")
+        return make_again_hint(data_path)
     if data_path.resolve() != (source.parent / "shards").resolve():  # not prep/shard.py's default
-        flags = [*flags, "--output-dir", str(data_path)]
-    return f"run `python prep/shard.py {shlex.join(flags)} --verify` to rebuild the damaged shards"
+        flags = [*flags, "--output-dir", str(data_path.resolve())]
+    return f"run `{shard_command(*flags, '--verify')}` to rebuild the damaged shards"
 
 
 def split_shards(data_path, split: str) -> list[Shard]:
+    """The shards of `split`, their paths resolved and checked to lie in `data_path` (a link out of the
+    folder is refused), each present with the size the manifest records."""
     data_path = Path(data_path)
     manifest = load_manifest(data_path)
     entry = manifest.get("splits", {}).get(split)
     if not entry or not entry["shards"]:
         raise DataError(f"{data_path / MANIFEST} has no samples in split '{split}'")
-    shards = [Shard(data_path / s["tar"], data_path / s["idx"], s["num_samples"]) for s in entry["shards"]]
-    for shard, record in zip(shards, entry["shards"]):
+    folder = data_path.resolve()
+    shards = []
+    for record in entry["shards"]:
+        tar, idx = (folder / record["tar"]).resolve(), (folder / record["idx"]).resolve()
+        for path, name in ((tar, record["tar"]), (idx, record["idx"])):
+            if path.parent != folder:
+                raise DataError(f"{data_path / name} is a link to {path}, outside the shard folder {folder}, and is "
+                                f"not read; {rebuild_hint(data_path)}")
+        shard = Shard(tar, idx, record["num_samples"])
         if not shard.tar.is_file():
             raise DataError(f"shard {shard.tar} is listed in the manifest but missing; {rebuild_hint(data_path)}")
         size = shard.tar.stat().st_size
         if size != record.get("bytes", size):  # a stat per shard finds truncation before an epoch does
             raise DataError(f"shard {shard.tar} has {size} bytes but the manifest says {record['bytes']}: it is "
                             f"truncated or was changed; {rebuild_hint(data_path)}")
+        shards.append(shard)
     return shards
 
 

@@ -1,7 +1,7 @@
 """The `torch` loader: webdataset reads the shards inside DataLoader workers.
 
-Each worker owns a contiguous, batch-aligned run of this rank's samples, so an epoch yields every
-sample exactly once whatever the worker count, and only the last worker can end on a short batch.
+An epoch's batches are planned from (seed, epoch, rank) alone and worker w makes every W-th one, so
+the DataLoader yields the same batches in the same order whatever the worker count (`ShardStream`).
 
 On CPU the workers decode with libjpeg-turbo through simplejpeg, at the smallest DCT-domain scale
 (1/8 ... 8/8) at which the crop still falls on whole pixels and spans 64 px or more: half size for
@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.geometry import IMAGE_SIZE, crop_box
 from pipeline.shards import DataError, epoch_order, rank_samples, rebuild_hint, split_shards, take
 
-SHUFFLE_BUFFER = 2000  # samples per worker; shards are already shuffled at write time
+SHUFFLE_BUFFER = 2000  # samples (of the plan, per rank); shards are already shuffled at write time
 SHUFFLE_START = 256  # the buffer yields from this size on and grows to SHUFFLE_BUFFER: epochs start sooner
 DCT_SCALES = [Fraction(m, 8) for m in range(1, 9)]  # the downscalings libjpeg-turbo decodes directly
 
@@ -104,14 +104,18 @@ def cause(exn: Exception) -> str:
 
 
 def read_spans(spans):
-    """Yield the samples of each span, with errors that name the shard and say how to rebuild it."""
+    """Yield the samples of each span, with errors that name the shard and say how to rebuild it.
+
+    Each tar is opened here and webdataset is handed the open file: given a URL string, webdataset
+    would open it itself, and it runs `pipe:` URLs in a shell."""
     for span in spans:
         count, hint = 0, rebuild_hint(span.shard.tar.parent)
         try:
-            samples = wds.tarfile_samples([{"url": str(span.shard.tar)}])
-            for sample in islice(samples, span.start, span.stop):
-                count += 1
-                yield sample
+            with open(span.shard.tar, "rb") as stream:
+                files = wds.tariterators.tar_file_expander([{"url": str(span.shard.tar), "stream": stream}])
+                for sample in islice(wds.tariterators.group_by_keys(files), span.start, span.stop):
+                    count += 1
+                    yield sample
         except (tarfile.TarError, OSError, ValueError, EOFError) as exn:
             raise DataError(f"shard {span.shard.tar} is unreadable ({cause(exn)}); {hint}") from None
         if count < span.stop - span.start:  # a tar cut at a member boundary ends early without an error
@@ -120,6 +124,14 @@ def read_spans(spans):
 
 
 class ShardStream(IterableDataset):
+    """This rank's samples of an epoch, in batches planned from (seed, epoch, rank) alone.
+
+    `plan` lays the epoch's batches out once; worker w of W makes batches w, w + W, w + 2W, ... and the
+    DataLoader, which asks its workers in turn, yields them as 0, 1, 2, ...: the same batches in the same
+    order for any worker count, so a run resumed with another `-j` goes on as it would have. Every
+    worker reads this rank's whole run of the shards (the samples arrive in stream order, each batch
+    takes its samples from the shuffle window) but decodes only its own batches."""
+
     def __init__(self, shards, batch_size, rank, world_size, train, flip, crop, seed, decode, with_keys):
         self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
         self.train, self.flip, self.crop, self.seed = train, flip, crop, seed
@@ -130,32 +142,51 @@ class ShardStream(IterableDataset):
         total = sum(s.num_samples for s in shards)
         self.start, self.stop = rank_samples(total, rank, world_size, train)
 
-    def worker_range(self, worker: int, workers: int) -> tuple[int, int]:
-        """This worker's samples, whole batches apart from the rank's tail (dropped when training)."""
+    def plan(self, epoch: int) -> tuple[list[list[int]], list[bool]]:
+        """The epoch's batches as positions in this rank's run of the epoch's shard order, and the flip
+        of each place in that sequence. Training: the run through a shuffle buffer, whole batches only;
+        evaluation: stored order, the last batch possibly short."""
         n = self.stop - self.start
-        full = n // self.batch_size
-        lo = full * worker // workers * self.batch_size
-        hi = full * (worker + 1) // workers * self.batch_size
-        if worker == workers - 1 and not self.train:
-            hi = n
-        return self.start + lo, self.start + hi
+        rng = random.Random(f"{self.seed}-{epoch}-{self.rank}")
+        if self.train:
+            positions = list(wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_START, rng=rng)(iter(range(n))))
+            positions = positions[:n - n % self.batch_size]
+        else:
+            positions = list(range(n))
+        flips = [self.flip and rng.random() < 0.5 for _ in positions]
+        return [positions[i:i + self.batch_size] for i in range(0, len(positions), self.batch_size)], flips
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        lo, hi = self.worker_range(worker, workers)
         epoch = self._epoch.value
+        batches, flips = self.plan(epoch)
+        mine = list(range(worker, len(batches), workers))
+        if not mine:
+            return
+        place = {p: (b, j) for b in mine for j, p in enumerate(batches[b])}  # position -> (batch, slot)
+        filling = {b: [None] * len(batches[b]) for b in mine}
+        missing = {b: len(batches[b]) for b in mine}
         order = epoch_order(self.shards, epoch, self.seed, shuffle=self.train)
-        samples = read_spans(take(order, lo, hi))
-        rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
-        if self.train:
-            samples = wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_START, rng=rng)(samples)
-        while batch := list(islice(samples, self.batch_size)):
-            flips = [self.flip and rng.random() < 0.5 for _ in batch]
-            out = self.decode_batch(batch, flips) if self.decode else self.pack_bytes(batch, flips)
-            if self.with_keys:
-                out["keys"] = [s["__key__"] for s in batch]
-            yield out
+        turn = 0  # the next of `mine` to yield
+        for position, sample in enumerate(read_spans(take(order, self.start, self.stop))):
+            if position not in place:
+                continue
+            b, j = place.pop(position)
+            filling[b][j] = sample
+            missing[b] -= 1
+            while turn < len(mine) and missing[mine[turn]] == 0:
+                b = mine[turn]
+                yield self.make_batch(filling.pop(b), flips[b * self.batch_size:][:len(batches[b])])
+                turn += 1
+            if turn == len(mine):  # the rest of the run holds none of this worker's samples
+                return
+
+    def make_batch(self, batch, flips):
+        out = self.decode_batch(batch, flips) if self.decode else self.pack_bytes(batch, flips)
+        if self.with_keys:
+            out["keys"] = [s["__key__"] for s in batch]
+        return out
 
     def decode_batch(self, batch, flips):
         try:

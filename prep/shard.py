@@ -11,7 +11,12 @@ job without redoing or losing anything.
 
 Run again on finished shards, it checks the ones the manifest lists (present, and of the size it
 records; with --verify also their SHA-256 and DALI index) and rebuilds only those that are damaged
-or missing, from the JPEGs. --overwrite rebuilds everything.
+or missing, from the JPEGs. --overwrite rebuilds everything. A manifest.json it cannot read, or one
+it did not write, stops it without touching the folder unless --overwrite is given.
+
+File names become sample keys with "_" for every character other than letters, digits, "_" and "-"
+(a DALI index line is space-separated; webdataset splits a member name at its first dot); the manifest
+lists those under "renamed".
 """
 
 import argparse
@@ -37,21 +42,26 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pipeline import cli  # noqa: E402
-from pipeline.shards import MANIFEST, SPLITS  # noqa: E402
+from pipeline.files import atomic_write, temporary_beside  # noqa: E402
+from pipeline.shards import MANIFEST, SPLITS, manifest_problem, shard_command  # noqa: E402
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 CELEBA_SPLIT = {"train": 162_770, "val": 19_867, "test": 19_962}  # official partition sizes
 PARTITION_FILE = "list_eval_partition.txt"
 JOURNAL = ".journal.jsonl"
 DALI_INDEX_VERSION = "v1.2"
-SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.(tar|idx)(\.tmp)?$")  # the names this script writes
+# The names this script writes: shards, their indexes, and their temporary files (pipeline/files.py's names).
+SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.(tar|idx)$|^\.(train|val|test)-\d{6}\.(tar|idx)\..+\.tmp$")
+# What a sample key may hold: a DALI index line is space-separated fields, and webdataset splits a member
+# name at its first dot. Other characters in a file name become "_" (listed in the manifest's "renamed").
+KEY_CHAR = re.compile(r"[^A-Za-z0-9_-]")
 CHUNK = 16  # images per task sent to a worker process
 TASKS_PER_WORKER = 4  # tasks in flight per worker: they never wait on the writer, and memory stays bounded
 GET_CELEBA = (
     "Download img_align_celeba.zip from the CelebA site (https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html; "
     "torchvision's download is not used, it fails on Google Drive quotas), unzip it to "
     "dataset/celeba/img_align_celeba/ (optionally with list_eval_partition.txt beside it), "
-    "or make synthetic faces with `python prep/shard.py --synthetic 5000`."
+    f"or make synthetic faces with `{shard_command('--synthetic', 5000)}`."
 )
 
 
@@ -78,7 +88,8 @@ def parser():
                    help="when the shards are already made: check each one's SHA-256 and DALI index too, not "
                         "only that it is there with the size the manifest records; damaged ones are rebuilt")
     p.add_argument("--overwrite", action="store_true",
-                   help="rebuild every shard, also over shards that an earlier run made from other inputs or options")
+                   help="rebuild every shard, also over shards that an earlier run made from other inputs or options, "
+                        "or beside a manifest.json this script cannot read or did not write")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -107,6 +118,12 @@ def rebuild_flags(args, partition_used: bool) -> list[str]:
     return flags
 
 
+def sample_key(path: Path) -> str:
+    """The webdataset key of an image file: its stem, with every character a DALI index line or a
+    webdataset member name cannot hold (spaces, dots, ...) as "_"."""
+    return KEY_CHAR.sub("_", path.stem)
+
+
 def fail(message: str):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -123,25 +140,29 @@ def list_images(folder: Path) -> list[Path]:
     return files
 
 
-def read_partition(path: Path) -> dict[str, str]:
-    """file name -> split, from CelebA's `000001.jpg 0` lines (0 train, 1 val, 2 test)."""
+def read_partition(path: Path) -> tuple[dict[str, str], str]:
+    """(file name -> split, SHA-256 of the file), from CelebA's `000001.jpg 0` lines (0 train, 1 val, 2 test).
+    The plan holds the digest, not the path: the same file typed another way is the same plan."""
     names = {"0": "train", "1": "val", "2": "test"}
     table = {}
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
+        text = raw.decode()
+    except UnicodeDecodeError:
+        fail(f"{path} is not text; expected CelebA's '<file name> <0|1|2>' lines")
     except OSError as exn:
         fail(f"cannot read the partition file {path}: {exn.strerror}. Pass the path of CelebA's "
              f"{PARTITION_FILE}, or leave --partition-file out to split by key hash")
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        parts = line.split()
+        parts = line.rsplit(maxsplit=1)  # a file name may hold spaces
         if len(parts) != 2 or parts[1] not in names:
             fail(f"{path}, line {n}: expected '<file name> <0|1|2>', found {line!r}")
         table[parts[0]] = names[parts[1]]
     if not table:
         fail(f"{path} lists no files; expected CelebA's '<file name> <0|1|2>' lines")
-    return table
+    return table, hashlib.sha256(raw).hexdigest()
 
 
 def hash_split(key: str) -> str:
@@ -154,14 +175,17 @@ def hash_split(key: str) -> str:
 
 
 def plan_shards(files, partition, shard_size, seed):
-    """[(shard name, [paths])] for every split, plus the files left out and why."""
-    by_split, skipped, seen = {s: [] for s in SPLITS}, [], set()
+    """[(shard name, [paths])] for every split, the files left out and why, and the files stored under
+    a key other than their stem."""
+    by_split, skipped, renamed, seen = {s: [] for s in SPLITS}, [], [], set()
     for path in files:
-        key = path.stem.replace(".", "_")  # webdataset splits a name at its first dot
+        key = sample_key(path)
         if key in seen:
             skipped.append({"file": path.name, "reason": f"duplicate key {key!r} (another file has the same stem)"})
             continue
         seen.add(key)
+        if key != path.stem:
+            renamed.append({"file": path.name, "key": key})
         if partition is None:
             by_split[hash_split(key)].append(path)
         elif path.name in partition:
@@ -175,7 +199,7 @@ def plan_shards(files, partition, shard_size, seed):
         random.Random(f"{seed}-{split}").shuffle(paths)
         for i in range(0, len(paths), shard_size):
             plan.append((f"{split}-{i // shard_size:06d}", paths[i:i + shard_size]))
-    return plan, skipped
+    return plan, skipped, renamed
 
 
 def fingerprint(plan, options) -> str:
@@ -201,7 +225,7 @@ def check_chunk(jobs):
 def check_image(job):
     """(path, quality) -> (key, jpeg bytes or None, note): runs in the worker pool."""
     path, quality = job
-    key = path.stem.replace(".", "_")
+    key = sample_key(path)
     try:
         raw = path.read_bytes()
     except OSError as exn:
@@ -252,20 +276,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def replace_durably(tmp: Path, final: Path):
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 class ShardWriter:
-    """One shard: a tar under a temporary name, renamed with its index once whole."""
+    """One shard: a tar streamed into a temporary file of its own (pipeline/files.py), renamed once it
+    is whole and its index is written."""
 
     def __init__(self, out_dir: Path, name: str):
         self.out_dir, self.name = out_dir, name
         self.tar, self.idx = out_dir / f"{name}.tar", out_dir / f"{name}.idx"
-        self.tmp = out_dir / f"{name}.tar.tmp"
-        self.file = open(self.tmp, "wb")
+        fd, self.tmp = temporary_beside(self.tar)
+        self.file = os.fdopen(fd, "wb")
         # A fixed mtime makes the same inputs give byte-identical shards (and checksums).
         self.writer = wds.TarWriter(self.file, mtime=0)
         self.count = 0
@@ -276,14 +295,27 @@ class ShardWriter:
 
     def finish(self) -> dict:
         self.writer.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
         self.file.close()
-        idx_tmp = self.out_dir / f"{self.name}.idx.tmp"
-        idx_tmp.write_text(dali_index(self.tmp))
+        os.chmod(self.tmp, 0o644)  # mkstemp makes 0600 files
         record = {"name": self.name, "tar": self.tar.name, "idx": self.idx.name, "num_samples": self.count,
                   "bytes": self.tmp.stat().st_size, "sha256": sha256_file(self.tmp)}
-        replace_durably(idx_tmp, self.idx)
-        replace_durably(self.tmp, self.tar)  # the tar last: a tar on disk always has its index
+        atomic_write(self.idx, dali_index(self.tmp).encode())
+        # The tar last: a tar on disk always has its index. The folder is synced once, when the
+        # manifest is written; until then a run checks each journalled shard before trusting it.
+        os.replace(self.tmp, self.tar)
         return record
+
+    def abort(self):
+        """Closes and removes the unfinished tar."""
+        if not self.file.closed:
+            try:
+                self.writer.close()  # else the tar stream writes its end into a closed file when collected
+            except OSError:  # a full disk, say: the file goes anyway
+                pass
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def read_journal(path: Path, plan_id: str, overwrite: bool) -> dict:
@@ -316,14 +348,32 @@ def remove_old_shards(out: Path):
             p.unlink()
 
 
+def remove_temporaries(out: Path):
+    """The unfinished tars and indexes of a run that was killed before it could remove them."""
+    for p in out.iterdir():
+        if p.name.startswith(".") and SHARD_FILE.match(p.name):
+            p.unlink()
+
+
 # ---------------------------------------------------------------------------- verifying
-def read_manifest(path: Path) -> dict | None:
-    """The manifest of a finished run, or None when there is none or it cannot be read."""
+def read_manifest(path: Path) -> tuple[dict | None, str | None]:
+    """(the manifest of a finished run, None), or (None, why it is not one) when `path` exists but cannot
+    be read or was not written by this script, or (None, None) when there is none."""
+    if not path.exists():
+        return None, None
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and {"plan", "splits"} <= manifest.keys() else None
+    except (OSError, ValueError) as exn:
+        return None, f"cannot be read ({exn})"
+    if not isinstance(manifest, dict) or not {"plan", "splits", "num_samples"} <= manifest.keys() \
+            or not isinstance(manifest["splits"], dict) \
+            or not all(isinstance(manifest["splits"].get(s), dict) for s in SPLITS):
+        return None, "is not a manifest prep/shard.py wrote"
+    problem = manifest_problem(manifest)
+    if problem is None and not all({"name", "tar", "idx", "num_samples", "bytes", "sha256"} <= record.keys()
+                                   for s in SPLITS for record in manifest["splits"][s].get("shards", [])):
+        problem = "a shard's record lacks a field"
+    return (None, f"is not a manifest prep/shard.py wrote: {problem}") if problem else (manifest, None)
 
 
 def shard_problem(out: Path, record: dict, deep: bool) -> str | None:
@@ -374,7 +424,7 @@ def write_shards(pending, out: Path, args, finished) -> None:
             while in_flight:
                 yield from in_flight.popleft().result()
 
-        stream = results()
+        stream, writer = results(), None
         try:
             for name, paths in pending:
                 writer, notes = ShardWriter(out, name), {"skipped": [], "reencoded": []}
@@ -388,22 +438,23 @@ def write_shards(pending, out: Path, args, finished) -> None:
                             notes["reencoded"].append({"file": path.name, "reason": note})
                     bar.update()
                 if writer.count == 0:  # every file of this shard was bad: keep no empty shard
-                    writer.writer.close(); writer.file.close(); writer.tmp.unlink()
+                    writer.abort()
                     finished({"name": name, "shard": None, **notes})
                 else:
                     finished({"name": name, "shard": writer.finish(), **notes})
         except BrokenProcessPool as exn:
+            writer.abort()
             fail(f"a worker process stopped without finishing its images ({exn}); finished shards are kept: "
                  f"run the same command again to finish the job")
         except BaseException:
+            if writer is not None:
+                writer.abort()  # a finished shard is already renamed: only an unfinished one goes
             pool.shutdown(wait=True, cancel_futures=True)  # queued tasks are dropped, running ones are short
             raise
 
 
 def write_manifest(path: Path, manifest: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    replace_durably(tmp, path)
+    atomic_write(path, json.dumps(manifest, indent=1).encode())
 
 
 def repair(out: Path, manifest: dict, plan, args) -> int:
@@ -446,27 +497,28 @@ def main(argv=None):
         write_synthetic(args.data_path, args.synthetic, seed=args.seed, workers=args.workers, progress=not args.quiet)
 
     files = list_images(args.data_path)
-    partition = read_partition(args.partition_file) if args.partition_file else None
-    plan, skipped = plan_shards(files, partition, args.shard_size, args.seed)
+    partition, partition_sha256 = read_partition(args.partition_file) if args.partition_file else (None, None)
+    plan, skipped, renamed = plan_shards(files, partition, args.shard_size, args.seed)
     if not plan:
         reasons = sorted({s["reason"] for s in skipped})
         fail(f"none of the {len(files)} images in {args.data_path} can be sharded: " + "; ".join(reasons[:3]))
     options = {"shard_size": args.shard_size, "seed": args.seed, "quality": args.quality,
-               "split_source": str(args.partition_file) if partition is not None else "key hash"}
+               "split_source": f"{PARTITION_FILE} sha256:{partition_sha256}" if partition is not None else "key hash"}
     plan_id = fingerprint(plan, options)
 
     out = args.output_dir
     manifest_path = out / MANIFEST
-    old = read_manifest(manifest_path)
+    old, unusable = read_manifest(manifest_path)
+    if unusable and not args.overwrite:  # it may be someone else's folder: nothing in it is touched
+        fail(f"{manifest_path} {unusable}; its folder is left as it is: pass --overwrite to make every shard "
+             "there again, or choose another --output-dir")
     if old is not None and not args.overwrite:
         if old["plan"] != plan_id:
             fail(f"{out} already holds shards made from other inputs or options; "
                  "pass --overwrite to replace them, or choose another --output-dir")
         return repair(out, old, plan, args)
     out.mkdir(parents=True, exist_ok=True)
-    if manifest_path.exists():  # --overwrite, or a manifest that cannot be read: every shard is made again
-        if old is None and not args.overwrite:
-            print(f"{manifest_path} cannot be read; making every shard again")
+    if manifest_path.exists():  # --overwrite: every shard is made again
         manifest_path.unlink()
         remove_old_shards(out)
 
@@ -475,7 +527,8 @@ def main(argv=None):
     if not done:
         if args.overwrite:
             remove_old_shards(out)
-        journal_path.write_text(json.dumps({"plan": plan_id}) + "\n")
+        atomic_write(journal_path, (json.dumps({"plan": plan_id}) + "\n").encode())
+    remove_temporaries(out)  # of a run killed mid-shard
     pending = [(name, paths) for name, paths in plan if name not in done]
 
     started = time.time()
@@ -500,13 +553,16 @@ def main(argv=None):
         "format": "webdataset", "sample": {"jpg": "JPEG image"}, "index": f"DALI {DALI_INDEX_VERSION}",
         "source": str(args.data_path.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "plan": plan_id, "options": options, "num_samples": sum(s["num_samples"] for s in splits.values()),
-        "splits": splits, "skipped": skipped, "reencoded": reencoded,
+        "splits": splits, "skipped": skipped, "reencoded": reencoded, "renamed": renamed,
         "rebuild": rebuild_flags(args, partition is not None),
     }
+    if partition is not None:
+        manifest["partition_file"] = str(args.partition_file.resolve())
     write_manifest(manifest_path, manifest)
     journal_path.unlink()
     counts = ", ".join(f"{s} {splits[s]['num_samples']}" for s in SPLITS)
-    print(f"wrote {manifest_path}: {counts}; {len(skipped)} skipped, {len(reencoded)} re-encoded "
+    print(f"wrote {manifest_path}: {counts}; {len(skipped)} skipped, {len(reencoded)} re-encoded, "
+          f"{len(renamed)} renamed "
           f"({time.time() - started:.1f} s)")
     return 0
 

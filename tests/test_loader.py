@@ -158,3 +158,25 @@ def test_the_decoders_are_tried_in_order_and_none_is_one_line(monkeypatch):
     message = str(error.value)
     assert "\n" not in message and "No module named 'torchcodec'" in message and "nvJPEG support" in message
     assert "pip install 'torchcodec>=0.16'" in message
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_batch_sequence_does_not_depend_on_the_worker_count(small_shards, train):
+    """Batch i is made by worker i mod W and yielded i-th: the epoch is the same for 0, 1, 2 or 3 workers,
+    so a streaming run resumed with another -j reads what the uninterrupted run would have."""
+    split = "train" if train else "val"
+    epochs = {}
+    for workers in (0, 1, 2, 3):
+        loader = build_loader("torch", small_shards, split, BATCH, "cpu", train=train, workers=workers,
+                              with_keys=True, seed=5)
+        epochs[workers] = []
+        for number in (0, 1):
+            loader.set_epoch(number)
+            epochs[workers].append([(keys, images) for images, keys in loader])
+    reference = epochs[0]
+    assert len(reference[0]) > 1
+    assert [keys for keys, _ in reference[0]] != [keys for keys, _ in reference[1]] or not train
+    for workers, batches in epochs.items():
+        for got, want in zip(batches, reference):
+            assert [keys for keys, _ in got] == [keys for keys, _ in want], f"{workers} workers: other batches"
+            assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want)), f"{workers} workers: other flips"

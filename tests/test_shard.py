@@ -244,7 +244,9 @@ def test_official_partition_file_decides_the_splits(faces_dir, tmp_path):
     out = tmp_path / "out"
     assert run_shard(data, out, "--shard-size", 8) == 0  # found beside the data folder by default
     manifest = load(out)
-    assert manifest["options"]["split_source"] == str(partition)
+    digest = hashlib.sha256(partition.read_bytes()).hexdigest()
+    assert manifest["options"]["split_source"] == f"{shard.PARTITION_FILE} sha256:{digest}"  # its contents, not its path
+    assert manifest["partition_file"] == str(partition.resolve())
     got = keys_by_split(out)
     assert {s: sorted(got[s]) for s in SPLITS} == {s: sorted(expected[s]) for s in SPLITS}
     assert {s: manifest["splits"][s]["num_samples"] for s in SPLITS} == {"train": 20, "val": 5, "test": 5}
@@ -260,7 +262,8 @@ def test_explicit_partition_file_option(faces_dir, tmp_path):
     partition.rename(moved)
     out = tmp_path / "out"
     assert run_shard(data, out, "--partition-file", moved) == 0
-    assert load(out)["options"]["split_source"] == str(moved)
+    assert load(out)["options"]["split_source"].endswith(hashlib.sha256(moved.read_bytes()).hexdigest())
+    assert load(out)["partition_file"] == str(moved.resolve())
     got = keys_by_split(out)
     assert {s: sorted(got[s]) for s in SPLITS} == {s: sorted(expected[s]) for s in SPLITS}
 
@@ -611,6 +614,34 @@ def test_the_loaders_hint_names_the_command_that_repairs(faces_dir, shards, tmp_
     assert (out / f"{name}.tar").read_bytes() == (shards / f"{name}.tar").read_bytes()
 
 
+def test_the_printed_repair_command_works_verbatim_in_the_default_celeba_layout(faces_dir, tmp_path):
+    """dataset/celeba/img_align_celeba with list_eval_partition.txt beside it, sharded by a bare
+    `python prep/shard.py` from the checkout's root: the line a loader prints for a damaged shard,
+    split as a shell splits it and run from there, repairs it."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "prep").symlink_to(ROOT / "prep")  # the script runs from a checkout of its own
+    make_partition_folder(faces_dir, checkout / "dataset")
+    made = subprocess.run([sys.executable, "prep/shard.py", "--shard-size", "8", "--workers", "2", "--quiet"],
+                          cwd=checkout, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    out = checkout / "dataset" / "celeba" / "shards"
+    assert load(out)["num_samples"] == 30
+    name = all_shards(load(out))[0][1]["name"]
+    original = (out / f"{name}.tar").read_bytes()
+    os.truncate(out / f"{name}.tar", 3000)
+    from pipeline import DataError, build_loader
+    with pytest.raises(DataError) as caught:
+        build_loader("torch", out, name.split("-")[0], 8, "cpu", workers=0)
+    command = re.search(r"run `([^`]+)` to rebuild", str(caught.value)).group(1)
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "prep/shard.py"]
+    repaired = subprocess.run([sys.executable, *argv[1:]], cwd=checkout, capture_output=True, text=True, timeout=300)
+    assert repaired.returncode == 0, repaired.stderr
+    assert "rebuilt 1 shard" in repaired.stdout
+    assert (out / f"{name}.tar").read_bytes() == original
+
+
 @pytest.mark.flag_effect("prep/shard.py", "--overwrite")
 def test_overwrite_rebuilds_every_shard(faces_dir, tmp_path):
     data = tmp_path / "img_align_celeba"
@@ -626,16 +657,33 @@ def test_overwrite_rebuilds_every_shard(faces_dir, tmp_path):
     assert all(after[n][2] == before[n][2] for n in tars)
 
 
-def test_an_unreadable_manifest_makes_every_shard_again(faces_dir, tmp_path, capsys):
+@pytest.mark.parametrize("manifest", ['{"plan": "cut short', '{"name": "another project", "splits": []}',
+                                      '{"plan": "x", "splits": {"train": {"shards": [{"tar": "../train-000000.tar", '
+                                      '"idx": "train-000000.idx", "num_samples": 1}]}, "val": {}, "test": {}}}'],
+                         ids=["unreadable", "foreign", "escaping"])
+def test_an_unusable_manifest_keeps_the_shards_unless_overwrite(faces_dir, tmp_path, capsys, manifest):
+    """A manifest prep/shard.py cannot use may be another tool's: its folder is left untouched, in one line
+    saying what to do; --overwrite makes every shard again."""
     data = tmp_path / "img_align_celeba"
     copy_faces(faces_dir, data, 20)
     out = tmp_path / "out"
     assert run_shard(data, out, "--shard-size", 10) == 0
     reference = load(out)
-    (out / MANIFEST).write_text('{"plan": "cut short')
-    assert run_shard(data, out, "--shard-size", 10) == 0
-    assert "cannot be read; making every shard again" in capsys.readouterr().out
+    (out / MANIFEST).write_text(manifest)
+    (out / "notes.txt").write_text("someone else's")
+    state = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_shard(data, out, "--shard-size", 10)
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert len(captured.err.splitlines()) == 1, captured.err
+    assert captured.err.startswith(f"error: {out / MANIFEST} ") and "--overwrite" in captured.err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == state, "shards were changed without --overwrite"
+    assert run_shard(data, out, "--shard-size", 10, "--overwrite") == 0
     assert load(out)["splits"] == reference["splits"]
+    assert (out / "notes.txt").read_text() == "someone else's"
 
 
 def test_an_unusable_output_dir_is_one_line_and_creates_nothing(faces_dir, tmp_path, capsys):

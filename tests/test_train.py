@@ -108,6 +108,15 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(shards, tmp_path)
     assert rows[1]["wall_s"] >= rows[0]["wall_s"] + rows[1]["seconds"]
 
 
+def test_streaming_resume_with_another_worker_count_gives_the_same_weights(shards, tmp_path):
+    """The streamed epoch order depends on (seed, epoch) alone: -j may change between stop and resume."""
+    common = ("--seed", "3", "--cache", "off")
+    assert run(shards, tmp_path / "straight", "--epochs", "2", *common, "--workers", "2") == 0
+    assert run(shards, tmp_path / "resumed", "--epochs", "1", *common, "--workers", "0") == 0
+    assert run(shards, tmp_path / "resumed", "--epochs", "2", *common, "--workers", "3", "--resume") == 0
+    assert same_weights(tmp_path / "straight", tmp_path / "resumed")
+
+
 def test_resume_with_the_cache_gives_the_same_weights_as_an_uninterrupted_run(shards, tmp_path, capsys):
     assert run(shards, tmp_path / "straight", "--epochs", "2", "--seed", "3", "--cache", "on") == 0
     assert run(shards, tmp_path / "resumed", "--epochs", "1", "--seed", "3", "--cache", "on") == 0
