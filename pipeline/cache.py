@@ -41,6 +41,9 @@ PIXELS = (IMAGE_SIZE, IMAGE_SIZE, 3)
 IMAGE_BYTES = math.prod(PIXELS)
 MEMORY_FRACTION = 0.5  # of the device's free memory (CUDA) or the available RAM (CPU) the cache may take
 CACHE_MODES = ("auto", "on", "off")
+# Images per batch of the filling pass, at least: the pixels do not depend on it, and on the CPU a fill
+# at 256 took less CPU time than at 32, 128 or 512 (benchmarks/RESULTS.md, "Decoding once").
+FILL_BATCH_SIZE = 256
 
 
 class Cache:
@@ -173,11 +176,13 @@ class CachedLoader:
 def cached_loader(data_path, split: str, batch_size: int, device, *, train: bool, rank: int = 0,
                   world_size: int = 1, workers: int = 2, seed: int = 0, crop: str = "center",
                   flip: bool | None = None, with_keys: bool = False, source: str = "torch",
-                  progress: bool = False, cache_file: str = "off", **options) -> CachedLoader:
+                  progress: bool = False, cache_file: str = "off", fill_batch_size: int | None = None,
+                  **options) -> CachedLoader:
     """Fills a Cache of `split` with one evaluation pass of the `source` loader (`options` go to it), then
     serves it. `loader.cache.seconds` is how long the fill took. `cache_file="auto"` loads the split from
     its decoded file beside the shards when that matches, and writes the file after decoding otherwise
-    (pipeline/cache_file.py); "off" neither reads nor writes it."""
+    (pipeline/cache_file.py); "off" neither reads nor writes it. The filling pass reads batches of
+    `fill_batch_size` (default: the larger of `batch_size` and FILL_BATCH_SIZE)."""
     from pipeline import build_loader  # here: pipeline/__init__.py imports this module
     if cache_file not in cache_files.FILE_MODES:
         raise ValueError(f"cache_file must be one of {cache_files.FILE_MODES}, not {cache_file!r}")
@@ -185,7 +190,8 @@ def cached_loader(data_path, split: str, batch_size: int, device, *, train: bool
     device = torch.device(device)
     share = (rank, world_size) if exchanges(world_size) else (0, 1)
     keys = stored_keys(split_shards(data_path, split))
-    reader = build_loader(source, data_path, split, batch_size, device, train=False, rank=share[0],
+    fill_batch_size = fill_batch_size or max(batch_size, FILL_BATCH_SIZE)
+    reader = build_loader(source, data_path, split, fill_batch_size, device, train=False, rank=share[0],
                           world_size=share[1], workers=workers, seed=seed, crop=crop, flip=False, with_keys=True,
                           **options)
     cache = None
@@ -203,8 +209,9 @@ def cached_loader(data_path, split: str, batch_size: int, device, *, train: bool
                 note = save_file(path, cache.images, header, note)
             cache.file_note = note
     del reader  # its workers or pipeline, and their memory, go now
-    gc.collect()
-    if source == "dali" and device.type == "cuda":
+    if cache.source == "decoded":  # a reader that never ran holds nothing; a collection costs more than a load
+        gc.collect()
+    if source == "dali" and device.type == "cuda" and cache.source == "decoded":
         from nvidia.dali.backend import ReleaseUnusedMemory
         ReleaseUnusedMemory()  # DALI keeps its GPU memory pools after the pipeline is gone
     return CachedLoader(cache, batch_size, train=train, rank=rank, world_size=world_size, seed=seed, flip=flip,
