@@ -4,7 +4,9 @@
 
 Each repeat deletes the decoded file, fills the split by decoding (which writes the file), then fills
 it again by loading the file; prints each time and the medians, and the load as a share of the
-decoding fill. `--workers` and `--batch-size` take several values to compare decoding fills.
+decoding fill. `--workers` and `--batch-size` (the decoding pass's) take several values to compare decoding fills;
+CPU is the process's and its finished workers' CPU time, which other load on the machine changes less
+than the wall time.
 """
 
 import argparse
@@ -29,7 +31,7 @@ def cpu_seconds() -> float:
 def fill(args, workers, batch_size, mode):
     started, cpu = time.perf_counter(), cpu_seconds()
     made = build_loader("cache", args.data_path, args.split, batch_size, args.device, workers=workers,
-                        source=args.loader, cache_file=mode).cache
+                        source=args.loader, cache_file=mode, fill_batch_size=batch_size).cache
     made.cpu_s = cpu_seconds() - cpu
     return made, time.perf_counter() - started
 
@@ -41,7 +43,7 @@ def main(argv=None):
     p.add_argument("--loader", default="torch")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, nargs="+", default=[1])
-    p.add_argument("--batch-size", type=int, nargs="+", default=[128])
+    p.add_argument("--batch-size", type=int, nargs="+", default=[256], help="of the decoding pass (fill_batch_size)")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.data_path} {args.split}, "

@@ -54,7 +54,7 @@ _LENGTH = struct.Struct("<I")
 SHAPE = [IMAGE_SIZE, IMAGE_SIZE, 3]
 IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 CHUNK_BYTES = 32 << 20  # per read or write: big enough for full disk speed, small enough for two pinned buffers
-DISK_RESERVE = 1 << 30  # bytes the folder keeps free after the file is written
+DISK_RESERVE = 10**9  # bytes the folder keeps free after the file is written
 FILE_MODES = ("auto", "off")  # train.py's --cache-file
 FIELDS = ("format", "manifest", "split", "keys", "loader", "crop", "pixels", "count", "shape", "crc32")
 
@@ -137,8 +137,8 @@ def parse_header(block: bytes, expected: dict) -> int:
     for field, want in expected.items():
         have = header[field]
         if type(have) is not type(want) or have != want:  # type: True == 1, but a bool is no count
-            shown = have if isinstance(have, (int, list)) or len(str(have)) < 80 else f"{str(have)[:77]}..."
-            raise Unusable(f"its {field} is {shown!r}, not this run's {want!r}")
+            shown = repr(have)  # repr: a control character in the file is shown escaped, not sent to the terminal
+            raise Unusable(f"its {field} is {shown if len(shown) <= 80 else shown[:76] + '...'}, not this run's {want!r}")
     crc = header["crc32"]
     if type(crc) is not int or not 0 <= crc < 1 << 32:
         raise Unusable("its header's crc32 is not a CRC-32")
