@@ -44,6 +44,7 @@ def test_a_second_fill_loads_exactly_what_a_fresh_fill_decodes(data):
     assert second.keys == fresh.keys and torch.equal(second.images, fresh.images)
     assert torch.equal(first.images, fresh.images)
     assert not list(data.glob("*.tmp")) and not list(data.glob(".*.tmp"))
+    assert filled(data, mode="off").source == "decoded", "off does not read the file either"
 
 
 def test_another_key_is_decoded_again_and_said(data):
@@ -202,22 +203,26 @@ def test_two_processes_filling_at_once_leave_one_whole_correct_file(data, tmp_pa
 def fill_in_a_group(rank, store, data, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        made = build_loader("cache", data, "train", 4, "cpu", rank=rank, world_size=2, workers=0,
-                            cache_file="auto").cache
-        torch.save({"images": made.images, "source": made.source, "decoded": made.decoded}, out / f"rank{rank}.pt")
+        for run in range(2):  # the first decodes and writes, the second loads
+            made = build_loader("cache", data, "train", 4, "cpu", rank=rank, world_size=2, workers=0,
+                                cache_file="auto").cache
+            torch.save({"images": made.images, "source": made.source, "decoded": made.decoded},
+                       out / f"run{run}rank{rank}.pt")
+            dist.barrier()  # rank 0 has written the file
     finally:
         dist.destroy_process_group()
 
 
 def test_ranks_write_once_after_the_exchange_and_all_load_it_later(data, tmp_path):
+    mp.spawn(fill_in_a_group, args=(tmp_path / "store", data, tmp_path), nprocs=2)
     fresh = filled(data, split="train", mode="off")
     for run, source in enumerate(["decoded", "loaded"]):
-        mp.spawn(fill_in_a_group, args=(tmp_path / f"store{run}", data, tmp_path), nprocs=2)
-        ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+        ranks = [torch.load(tmp_path / f"run{run}rank{r}.pt") for r in range(2)]
         assert [r["source"] for r in ranks] == [source, source]
         assert all(torch.equal(r["images"], fresh.images) for r in ranks)
-        assert (sum(r["decoded"] for r in ranks) == len(fresh)) if source == "decoded" else ranks[0]["decoded"] == 0
-        assert path_of(data, "train").exists()
+        decoded = [r["decoded"] for r in ranks]
+        assert (sum(decoded) == len(fresh) and all(decoded)) if source == "decoded" else decoded == [0, 0]
+    assert path_of(data, "train").exists()
 
 
 # ----------------------------------------------------------------------------- train.py
@@ -225,19 +230,20 @@ def test_ranks_write_once_after_the_exchange_and_all_load_it_later(data, tmp_pat
 
 @pytest.mark.flag_effect("train.py", "--cache-file")
 def test_train_says_whether_it_decoded_or_loaded_and_off_writes_no_file(data, tmp_path, capsys):
-    def run(out, *extra):
-        assert train.main(train.parse_args(["--data-path", str(data), "--output-dir", str(tmp_path / out),
-                                            "--batch-size", "32", "--workers", "0", "--no-compile", "--epochs", "1",
-                                            "--cache", "on", *extra])) == 0
+    flags = ["--data-path", str(data), "--batch-size", "32", "--workers", "0", "--no-compile", "--epochs", "1",
+             "--cache", "on"]
+
+    def loaders(*extra):  # train.py's own loaders and its lines about them, without training
+        train.build_loaders(train.parse_args([*flags, *extra]), torch.device("cpu"), 0, 1, cached=("train", "val"))
         return [line for line in capsys.readouterr().out.splitlines() if line.startswith("cached ")]
 
-    off = run("off", "--cache-file", "off")
+    off = loaders("--cache-file", "off")
     assert off[0].startswith("cached train: 194 images in ") and "(decoded by the torch loader)" in off[0]
     assert not list(data.glob("decoded-*")), "--cache-file off writes nothing"
-    first = run("first")
+    assert train.main(train.parse_args([*flags, "--output-dir", str(tmp_path / "run")])) == 0  # the default: auto
+    first = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cached ")]
     assert "(decoded by the torch loader)" in first[0] and f"wrote {path_of(data, 'train')} (" in first[0]
-    second = run("second")
+    second = loaders()
     assert [line.split(" (")[1].split(")")[0] for line in second] == ["loaded", "loaded"]
     assert second[0].endswith(f"; loaded from {path_of(data, 'train')}")
-    off_again = run("off again", "--cache-file", "off")
-    assert all("(decoded by the torch loader)" in line and "loaded" not in line for line in off_again)
+    assert all("(decoded by the torch loader)" in line for line in loaders("--cache-file", "off")), "nor reads it"
