@@ -22,7 +22,8 @@ Writing goes through `pipeline.files.atomic_write` (a unique temporary file, fsy
 two processes filling at once each write a whole file and the last rename wins, and a reader holds
 whichever whole file it opened. Before writing, the folder's free space must exceed the file's size
 by DISK_RESERVE; when it does not, or the folder cannot be written (a read-only dataset), the run
-says so in one line and goes on without the file.
+says so in one line and goes on without the file. A temporary left by a writer that was killed is
+deleted by the next writer of the same file once it has not changed for STALE_SECONDS.
 
 Reading is `readinto` in chunks, straight into the cache tensor on the CPU, or on CUDA into two pinned
 buffers that alternate, each copied to the device with `non_blocking=True` while the next is read and
@@ -38,12 +39,13 @@ import os
 import shutil
 import stat
 import struct
+import time
 import zlib
 from pathlib import Path
 
 import torch
 
-from pipeline.files import atomic_write
+from pipeline.files import TMP_SUFFIX, atomic_write
 from pipeline.geometry import IMAGE_SIZE, PIXELS_VERSION
 from pipeline.shards import MANIFEST
 
@@ -55,6 +57,7 @@ SHAPE = [IMAGE_SIZE, IMAGE_SIZE, 3]
 IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 CHUNK_BYTES = 32 << 20  # per read or write: big enough for full disk speed, small enough for two pinned buffers
 DISK_RESERVE = 10**9  # bytes the folder keeps free after the file is written
+STALE_SECONDS = 3600  # a temporary of a decoded file unchanged this long was left by a killed writer
 FILE_MODES = ("auto", "off")  # train.py's --cache-file
 FIELDS = ("format", "manifest", "split", "keys", "loader", "crop", "pixels", "count", "shape", "crc32")
 
@@ -230,10 +233,23 @@ def host_chunks(images: torch.Tensor):
         yield memoryview(chunk.numpy())
 
 
+def remove_stale_temporaries(path: Path) -> None:
+    """Deletes the temporaries of `path` that a process killed while writing left behind (as large as the
+    file): those unchanged for STALE_SECONDS. A writer at work changes its temporary every CHUNK_BYTES."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
+        try:
+            if stat.S_ISREG(tmp.lstat().st_mode) and now - tmp.lstat().st_mtime > STALE_SECONDS:
+                tmp.unlink()  # removes the name itself: a link is never followed
+        except OSError:  # gone already, or not ours to remove
+            pass
+
+
 def save(path: Path, images: torch.Tensor, header: dict) -> str | None:
     """Writes `images` with `header` (all fields but the CRC-32) to `path` atomically; returns None, or
     why nothing was written, in words."""
     need = file_bytes(len(images))
+    remove_stale_temporaries(path)
     try:
         free = shutil.disk_usage(path.parent).free
     except OSError as exn:

@@ -171,6 +171,17 @@ def test_no_room_or_no_right_to_write_means_no_file(data, monkeypatch):
     assert not path_of(data).exists() and torch.equal(refused.images, short.images)
 
 
+def test_a_killed_writers_old_temporary_is_removed_and_a_fresh_one_kept(data):
+    old, fresh = (data / f".{path_of(data).name}.{name}{cache_file.TMP_SUFFIX}" for name in ("killed", "writing"))
+    for tmp in (old, fresh):
+        tmp.write_bytes(b"\0" * 1000)
+    os.utime(old, (0, 0))
+    elsewhere = data / f".{path_of(data, 'train').name}.killed{cache_file.TMP_SUFFIX}"  # another file's
+    shutil.copy2(old, elsewhere)
+    assert filled(data).file_note.startswith("wrote ")
+    assert not old.exists() and fresh.exists() and elsewhere.exists()
+
+
 # ----------------------------------------------------------------------------- two processes
 
 
