@@ -36,6 +36,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -67,6 +68,9 @@ class Unusable(Exception):
 
 
 def file_name(split: str, decoder: str, crop: str) -> str:
+    """The file's name in the shard folder, from this run's own choices (never from a file)."""
+    if not all(re.fullmatch(r"[A-Za-z0-9_-]+", part) for part in (split, decoder, crop)):
+        raise ValueError(f"not a decoded file's name: {split!r}, {decoder!r}, {crop!r}")
     return f"decoded-{split}-{decoder}-{crop}.u8"
 
 
@@ -81,7 +85,7 @@ def decoder_of(reader) -> tuple[str, str]:
     """(short name for the file name, full description for the header) of what makes `reader`'s pixels:
     the loader, where it decodes, and the versions of the libraries that decode and resize."""
     kind = type(reader).__name__
-    libraries = [f"torch {torch.__version__.split('+')[0]}"]
+    libraries = [f"torch {torch.__version__}"]  # its build too: a CUDA build brings its own nvJPEG
     if kind == "TorchLoader":
         on_gpu = bool(reader.gpu_decode)
         if on_gpu:
@@ -93,7 +97,8 @@ def decoder_of(reader) -> tuple[str, str]:
         short = f"torch-{'gpu' if on_gpu else 'cpu'}"
     elif kind == "DaliLoader":
         on_gpu = bool(reader.gpu)
-        libraries.append(f"dali {version('nvidia-dali-cuda130')}")
+        from nvidia.dali import __version__ as dali_version  # imported already: the reader runs DALI
+        libraries.append(f"dali {dali_version}")
         if on_gpu:
             libraries.append(f"hw_decoder_load {reader.hw_decoder_load}")
         short = f"dali-{'gpu' if on_gpu else 'cpu'}"

@@ -47,6 +47,17 @@ def test_a_second_fill_loads_exactly_what_a_fresh_fill_decodes(data):
     assert filled(data, mode="off").source == "decoded", "off does not read the file either"
 
 
+def test_each_loader_has_its_own_file_and_loads_its_own_pixels(data):
+    made = {source: build_loader("cache", data, "val", BATCH, "cpu", workers=1, source=source, cache_file="auto").cache
+            for source in ("torch", "dali")}
+    assert sorted(p.name for p in data.glob("decoded-*")) == ["decoded-val-dali-cpu-center.u8",
+                                                              "decoded-val-torch-cpu-center.u8"]
+    for source, first in made.items():
+        again = build_loader("cache", data, "val", BATCH, "cpu", workers=1, source=source, cache_file="auto").cache
+        assert again.source == "loaded" and torch.equal(again.images, first.images)
+        assert f"{source}-cpu (torch {torch.__version__}" in header_of(data / f"decoded-val-{source}-cpu-center.u8")["loader"]
+
+
 def test_another_key_is_decoded_again_and_said(data):
     center = filled(data)
     shutil.copy(path_of(data), path_of(data, crop="none"))  # a file of the center crop, named for the other
