@@ -38,7 +38,7 @@ from model.checkpoint import (CheckpointError, load_checkpoint, previous, restor
 from model.step import TrainStep, make_optimizer, resolve_amp, resolve_compile
 from pipeline import CROPS, LOADERS, DataError, build_loader, cli, default_workers, split_size
 from pipeline.cache import CACHE_MODES, MEMORY_FRACTION, plan as plan_cache
-from pipeline.cache_file import FILE_MODES
+from pipeline.cache_file import DISK_RESERVE, FILE_MODES
 from pipeline.shards import split_shards
 
 LOG_EVERY = 25  # steps between host syncs: reading the loss forces the GPU to catch up
@@ -68,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-file", choices=FILE_MODES, default="auto",
                    help="the decoded split on disk. auto: load DATA_PATH/decoded-*.u8 when it matches the manifest, "
                    "loader, crop and pixel version and its checksum holds (else decode again and replace it), and "
-                   "write it after decoding when the folder is writable with room to spare. off: neither read nor "
+                   f"write it after decoding when the folder is writable and keeps {DISK_RESERVE / 1e9:.0f} GB free. "
+                   "off: neither read nor "
                    "write it. Delete the files (rm DATA_PATH/decoded-*.u8) to free the space; they are made again")
     p.add_argument("--epochs", type=cli.positive_int, default=40, help="total epochs, counting resumed ones")
     p.add_argument("-b", "--batch-size", type=cli.positive_int, default=128, help="images per step and per GPU")
