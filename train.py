@@ -38,6 +38,7 @@ from model.checkpoint import (CheckpointError, load_checkpoint, previous, restor
 from model.step import TrainStep, make_optimizer, resolve_amp, resolve_compile
 from pipeline import CROPS, LOADERS, DataError, build_loader, cli, default_workers, split_size
 from pipeline.cache import CACHE_MODES, MEMORY_FRACTION, plan as plan_cache
+from pipeline.cache_file import DISK_RESERVE, FILE_MODES
 from pipeline.shards import split_shards
 
 LOG_EVERY = 25  # steps between host syncs: reading the loss forces the GPU to catch up
@@ -62,7 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "or RAM, and serve every epoch from it. auto: when the train split fits in "
                    f"{MEMORY_FRACTION * 100:.0f}%% of the free GPU memory or available RAM (val too when both "
                    "fit) and more than one epoch remains; a resumed run keeps the choice it started with. on: "
-                   "always, an error if it does not fit. off: decode every epoch")
+                   "always, an error if it does not fit. off: decode every epoch. The first fill also writes the "
+                   "decoded split beside the shards (DATA_PATH/decoded-SPLIT-LOADER-DEVICE-CROP.u8, 12 kB per image) "
+                   "and later runs load it instead of decoding; see --cache-file")
+    p.add_argument("--cache-file", choices=FILE_MODES, default="auto",
+                   help="the decoded split on disk. auto: load DATA_PATH/decoded-*.u8 when it matches the manifest, "
+                   "loader, crop and pixel version and its checksum holds (else decode again and replace it), and "
+                   f"write it after decoding when the folder is writable and keeps {DISK_RESERVE / 1e9:.0f} GB free. "
+                   "off: neither read nor "
+                   "write it. Delete the files (rm DATA_PATH/decoded-*.u8) to free the space; they are made again")
     p.add_argument("--epochs", type=cli.positive_int, default=40, help="total epochs, counting resumed ones")
     p.add_argument("-b", "--batch-size", type=cli.positive_int, default=128, help="images per step and per GPU")
     p.add_argument("--lr", type=cli.positive_float, default=3e-4, help="Adam learning rate")
@@ -406,13 +415,16 @@ def build_loaders(args, device, rank: int, world_size: int, cached=(), **options
     master = rank == 0
 
     def loader(split):
-        name, extra = ("cache", dict(source=args.loader, progress=master)) if split in cached else (args.loader, {})
+        name, extra = (("cache", dict(source=args.loader, progress=master, cache_file=args.cache_file))
+                       if split in cached else (args.loader, {}))
         made = build_loader(name, args.data_path, split, args.batch_size, device, rank=rank,
                             world_size=world_size, workers=args.workers, seed=args.seed, crop=args.crop,
                             flip=args.flip if split == "train" else False, **extra, **options)
         if master and split in cached:
-            n, seconds = len(made.cache), made.cache.seconds
-            print(f"cached {split}: {n:,} images in {seconds:.1f} s, {n / seconds:,.0f} images/s")
+            n, seconds, how = len(made.cache), made.cache.seconds, made.cache.source
+            how = f"decoded by the {args.loader} loader" if how == "decoded" else how
+            note = f"; {made.cache.file_note}" if made.cache.file_note else ""
+            print(f"cached {split}: {n:,} images in {seconds:.2f} s ({how}), {n / seconds:,.0f} images/s{note}")
         return made
 
     return loader("train"), loader("val")

@@ -27,11 +27,13 @@ import math
 import os
 import random
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from pipeline import cache_file as cache_files
 from pipeline.geometry import IMAGE_SIZE
 from pipeline.shards import DataError, rank_samples, split_shards, stored_keys
 
@@ -39,16 +41,23 @@ PIXELS = (IMAGE_SIZE, IMAGE_SIZE, 3)
 IMAGE_BYTES = math.prod(PIXELS)
 MEMORY_FRACTION = 0.5  # of the device's free memory (CUDA) or the available RAM (CPU) the cache may take
 CACHE_MODES = ("auto", "on", "off")
+# Images per batch of the filling pass, at least: the pixels do not depend on it, and on the CPU a fill
+# at 256 took less CPU time than at 32, 128 or 512 (benchmarks/RESULTS.md, "Decoding once").
+FILL_BATCH_SIZE = 256
 
 
 class Cache:
     """A split as `images`, (N, 64, 64, 3) uint8 on one device with rows in stored order, and their `keys`.
 
-    `decoded` counts the images this process decoded (its share under torch.distributed) and `seconds`
-    the time the fill took, decoding and exchange included."""
+    `decoded` counts the images this process decoded (its share under torch.distributed; 0 when loaded),
+    `seconds` the time the fill took (decoding and exchange, or loading, included), `source` says
+    whether the pixels were "decoded" or "loaded" from the decoded file beside the shards
+    (pipeline/cache_file.py), and `file_note` what happened to that file, in words (None without one)."""
 
-    def __init__(self, images: torch.Tensor, keys: list[str], decoded: int, seconds: float):
+    def __init__(self, images: torch.Tensor, keys: list[str], decoded: int, seconds: float,
+                 source: str = "decoded", file_note: str | None = None):
         self.images, self.keys, self.decoded, self.seconds = images, keys, decoded, seconds
+        self.source, self.file_note = source, file_note
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -167,24 +176,80 @@ class CachedLoader:
 def cached_loader(data_path, split: str, batch_size: int, device, *, train: bool, rank: int = 0,
                   world_size: int = 1, workers: int = 2, seed: int = 0, crop: str = "center",
                   flip: bool | None = None, with_keys: bool = False, source: str = "torch",
-                  progress: bool = False, **options) -> CachedLoader:
+                  progress: bool = False, cache_file: str = "off", fill_batch_size: int | None = None,
+                  **options) -> CachedLoader:
     """Fills a Cache of `split` with one evaluation pass of the `source` loader (`options` go to it), then
-    serves it. `loader.cache.seconds` is how long the fill took."""
+    serves it. `loader.cache.seconds` is how long the fill took. `cache_file="auto"` loads the split from
+    its decoded file beside the shards when that matches, and writes the file after decoding otherwise
+    (pipeline/cache_file.py); "off" neither reads nor writes it. The filling pass reads batches of
+    `fill_batch_size` (default: the larger of `batch_size` and FILL_BATCH_SIZE)."""
     from pipeline import build_loader  # here: pipeline/__init__.py imports this module
+    if cache_file not in cache_files.FILE_MODES:
+        raise ValueError(f"cache_file must be one of {cache_files.FILE_MODES}, not {cache_file!r}")
+    started = time.perf_counter()
     device = torch.device(device)
     share = (rank, world_size) if exchanges(world_size) else (0, 1)
     keys = stored_keys(split_shards(data_path, split))
-    reader = build_loader(source, data_path, split, batch_size, device, train=False, rank=share[0],
+    fill_batch_size = fill_batch_size or max(batch_size, FILL_BATCH_SIZE)
+    reader = build_loader(source, data_path, split, fill_batch_size, device, train=False, rank=share[0],
                           world_size=share[1], workers=workers, seed=seed, crop=crop, flip=False, with_keys=True,
                           **options)
-    cache = fill(reader, keys, device, *share, progress=progress, desc=f"caching {split} ({source} loader)")
+    cache = None
+    if cache_file == "auto":
+        short, decoder = cache_files.decoder_of(reader)
+        path = Path(data_path) / cache_files.file_name(split, short, crop)
+        header = cache_files.expected_header(data_path, split, keys, decoder, crop)
+        cache, note = load_file(path, header, keys, device, share[1], started)
+    if cache is None:
+        cache = fill(reader, keys, device, *share, progress=progress, desc=f"caching {split} ({source} loader)")
+        if cache_file == "auto":
+            # After the exchange every rank holds the whole split; one process per machine writes it (the
+            # shard folder may be a machine's own disk), and on a shared folder the last rename wins.
+            if int(os.environ.get("LOCAL_RANK", share[0])) == 0:
+                note = save_file(path, cache.images, header, note)
+            cache.file_note = note
     del reader  # its workers or pipeline, and their memory, go now
-    gc.collect()
-    if source == "dali" and device.type == "cuda":
+    if cache.source == "decoded":  # a reader that never ran holds nothing; a collection costs more than a load
+        gc.collect()
+    if source == "dali" and device.type == "cuda" and cache.source == "decoded":
         from nvidia.dali.backend import ReleaseUnusedMemory
         ReleaseUnusedMemory()  # DALI keeps its GPU memory pools after the pipeline is gone
     return CachedLoader(cache, batch_size, train=train, rank=rank, world_size=world_size, seed=seed, flip=flip,
                         with_keys=with_keys)
+
+
+def load_file(path: Path, header: dict, keys: list[str], device, world_size: int,
+              started: float) -> tuple[Cache | None, str | None]:
+    """The Cache loaded from the decoded file `path`, or None and why not (None when there is no file).
+    In a process group every rank loads the file itself and all use it only if all could."""
+    images, why = None, None
+    try:
+        images = cache_files.load(path, header, device)
+    except FileNotFoundError:
+        pass
+    except cache_files.Unusable as exn:
+        why = f"{path} was not used, as {exn}; decoded again"
+    except OSError as exn:  # a read error mid-file
+        why = f"{path} was not used, as it could not be read ({exn.strerror or exn}); decoded again"
+    if exchanges(world_size):
+        everyone = torch.tensor([images is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
+        if images is not None and not int(everyone):
+            images, why = None, f"{path} was not usable on every process; decoded again"
+    if images is None:
+        return None, why
+    return Cache(images, keys, decoded=0, seconds=time.perf_counter() - started, source="loaded",
+                 file_note=f"loaded from {path}"), None
+
+
+def save_file(path: Path, images: torch.Tensor, header: dict, note: str | None) -> str:
+    """Writes the decoded file and says what happened, after `note` (why the old one was not used)."""
+    started = time.perf_counter()
+    failed = cache_files.save(path, images, header)
+    said = (f"{path} {failed}" if failed else
+            f"wrote {path} ({nbytes(cache_files.file_bytes(len(images)))} in {time.perf_counter() - started:.1f} s) "
+            "for later runs to load")
+    return f"{note}; {said}" if note else said
 
 
 # ----------------------------------------------------------------------------- whether to cache

@@ -19,3 +19,8 @@ def crop_box(width: int, height: int, crop: str = "center") -> tuple[int, int, i
     side = round(min(width, height) * CROP_FRACTION)
     left, top = (width - side) // 2, (height - side) // 2
     return left, top, left + side, top + side
+
+# The version of the pixels the loaders make. Raise it with any change that alters them (the crop,
+# a decode or a resize): decoded files beside the shards (pipeline/cache_file.py) from before then
+# no longer match and are decoded again.
+PIXELS_VERSION = 1

@@ -39,7 +39,8 @@ def test_cached_pixels_are_the_filling_loaders_own(shards, source, crop):
 
 def test_what_the_cache_holds_does_not_depend_on_how_it_was_filled(small_shards):
     one = build_loader("cache", small_shards, "train", BATCH, "cpu", workers=0).cache
-    three = build_loader("cache", small_shards, "train", 7, "cpu", workers=3).cache  # batches out of order
+    three = build_loader("cache", small_shards, "train", 7, "cpu", workers=3,
+                         fill_batch_size=7).cache  # batches out of order
     assert one.keys == three.keys == split_keys(small_shards, "train")
     assert torch.equal(one.images, three.images)
 
