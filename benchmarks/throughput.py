@@ -85,6 +85,9 @@ def parse_args(argv=None):
                    help="the project loaders' geometry (default: center, train.py's); the seed always squashes")
     p.add_argument("--quick", action="store_true",
                    help="fewer images, windows and steps, and no compile row on a CPU (CPU: about a minute on 2 cores)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="time no compiled mode, `default` included (a dry run of this script; not train.py's default "
+                        "where it compiles)")
     p.add_argument("--repeats", type=cli.positive_int, default=None, help="timed windows per row (default: 5, 3 with --quick)")
     p.add_argument("--steps", type=cli.positive_int, default=None,
                    help="training steps per timed window (default: CUDA 50, CPU 8, CPU --quick 4)")
@@ -274,6 +277,13 @@ def modes_for(args):
                     modes[mode] = "--quick skips it: about 20 s of compiling on a CPU"
         modes["fp16"] = "fp16 with a GradScaler is a CUDA mode"
         modes["compile-cudagraphs"] = "CUDA graphs need CUDA"
+    if args.no_compile:
+        for mode, settings in modes.items():
+            if isinstance(settings, dict) and settings.get("compile"):
+                if mode == "default":
+                    modes[mode] = {**settings, "compile": False}
+                else:
+                    modes[mode] = "--no-compile"
     if default_amp != "bf16":  # bf16 where train.py would not pick it: timed all the same, for comparison
         if isinstance(modes["bf16+compile"], dict):
             modes["bf16+compile"] = f"train.py would not use bf16 here: {why}"
@@ -391,6 +401,7 @@ def environment(args, source, num_images):
         "cuda": torch.version.cuda if cuda else None, "torch_threads": torch.get_num_threads(),
         "batch_size": args.batch_size, "workers": args.workers, "crop": args.crop, "images": source,
         "num_images": num_images, "quick": args.quick, "repeats": args.repeats, "steps": args.steps,
+        "no_compile": args.no_compile,
     }
 
 
