@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from benchmarks import report  # noqa: E402
+from model.step import resolve_amp, resolve_compile  # noqa: E402
 from pipeline.cache import Cache, CachedLoader  # noqa: E402
 from prep.shard import CELEBA_SPLIT  # noqa: E402
 
@@ -285,7 +286,10 @@ def main(argv=None) -> int:
         report.merge(args.json, args.key, part)
         print(f"error: {part['error']}", file=sys.stderr)
         return rc or 1
-    batch = train.parse_args(argv).batch_size
+    parsed = train.parse_args(argv)
+    batch = parsed.batch_size
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if parsed.device == "auto" else parsed.device)
+    compiled = resolve_compile(parsed.compile, device, resolve_amp(parsed.amp, device)[0])[0]
     epochs, source = epoch_parts(recorder, rows)
     compile_s, how = compile_seconds(recorder, rows, epochs, batch, sizes["train"])
     final_s = sum(s for name, _, _, s in recorder.events if name in ("save_samples", "save_interpolations",
@@ -293,7 +297,7 @@ def main(argv=None) -> int:
     run = {"batch_size": batch, "train_images": sizes["train"], "val_images": sizes["val"],
            "compile_s": compile_s, "final_s": final_s, "fill": recorder.fills, "epochs": epochs}
     part.update(batch_size=batch, train_images=sizes["train"], val_images=sizes["val"], compile_s=compile_s,
-                compile_how=how, first_step_s=recorder.first_step_s, final_s=round(final_s, 3), epochs=epochs,
+                compiled=compiled, compile_how=how, first_step_s=recorder.first_step_s, final_s=round(final_s, 3), epochs=epochs,
                 sources=source, weights=str(args.output_dir / train.WEIGHTS),
                 device=str(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"),
                 projection=report.project(run))

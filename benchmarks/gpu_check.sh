@@ -25,6 +25,7 @@
 # Settings, from the environment:
 #   STAGES=smoke,answer,graph,bench,tests   the stages to run, in this order whatever the order given
 #   BUDGET_S=400        seconds for the whole check; each stage gets at most its cap or what is left
+#   SMOKE_S=90 ANSWER_S=150 GRAPH_S=110 BENCH_S=150 TESTS_S=240   the stages' caps, in seconds
 #   PYTHON=python3      the interpreter that has torch
 #   DEVICE=cuda         cpu runs every stage on the CPU (CUDA tests skip): a dry run of this script
 #   IMAGES=4000         synthetic faces sharded for the fill, the smoke and the benchmark
@@ -53,6 +54,7 @@ TRAIN_ARGS=${TRAIN_ARGS:-}
 SMOKE_ARGS=${SMOKE_ARGS:-}
 BENCH_ARGS=${BENCH_ARGS:---repeats 3}
 TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-120}
+SMOKE_S=${SMOKE_S:-90} ANSWER_S=${ANSWER_S:-150} GRAPH_S=${GRAPH_S:-110} BENCH_S=${BENCH_S:-150} TESTS_S=${TESTS_S:-240}
 WHEELS=${WHEELS:-$ROOT/.whl}
 INSTALL=${INSTALL:-1}
 RESERVE_S=8   # kept back from every stage for the summary at the end
@@ -160,7 +162,7 @@ fi
 # ----------------------------------------------------------------------------- the stages
 if wants smoke; then
     # shellcheck disable=SC2086  # the flags are words
-    stage smoke 90 "$OUTDIR/smoke.log" "$PYTHON" benchmarks/smoke.py --data-path "$WORK/shards" \
+    stage smoke "$SMOKE_S" "$OUTDIR/smoke.log" "$PYTHON" benchmarks/smoke.py --data-path "$WORK/shards" \
         --images "$WORK/faces/img_align_celeba" --device "$DEVICE" --json "$RESULTS" $SMOKE_ARGS
 fi
 
@@ -172,12 +174,12 @@ answer_run() {  # KEY CAP [celeba_epochs.py flags]
         --output-dir "$WORK/run-$key" --json "$RESULTS" --key "$key" --epochs "$EPOCHS" \
         --train-images "$RESIDENT_TRAIN" --val-images "$RESIDENT_VAL" --device "$DEVICE" "$@" $TRAIN_ARGS
 }
-wants answer && answer_run answer 150
-wants graph && answer_run graph 110 --graphed --compare answer
+wants answer && answer_run answer "$ANSWER_S"
+wants graph && answer_run graph "$GRAPH_S" --graphed --compare answer
 
 if wants bench; then
     # shellcheck disable=SC2086
-    stage bench 150 "$OUTDIR/bench.log" "$PYTHON" benchmarks/throughput.py --device "$DEVICE" \
+    stage bench "$BENCH_S" "$OUTDIR/bench.log" "$PYTHON" benchmarks/throughput.py --device "$DEVICE" \
         --images "$WORK/faces/img_align_celeba" --limit 0 --json "$OUTDIR/throughput.json" $BENCH_ARGS
     note "$(printf '%-8s %s' '' "$("$PYTHON" benchmarks/report.py bench "$OUTDIR/throughput.json" 2>&1 | tail -n 1)")"
     summarize
@@ -193,7 +195,7 @@ if wants tests; then
     # The cache's CUDA test first (no compile), then the CUDA paths, then the graphed step's tests if present.
     tests=(tests/test_cache.py tests/test_cuda.py)
     [[ -f tests/test_cuda_graph.py ]] && tests+=(tests/test_cuda_graph.py)
-    stage tests 240 "$OUTDIR/tests.log" "$PYTHON" -m pytest -q -rs -p no:cacheprovider --durations=0 \
+    stage tests "$TESTS_S" "$OUTDIR/tests.log" "$PYTHON" -m pytest -q -rs -p no:cacheprovider --durations=0 \
         "${timeout_flag[@]}" -k cuda "${tests[@]}"
     note "$(printf '%-8s %s' '' "$(grep -E '(passed|failed|skipped|error)' "$OUTDIR/tests.log" | tail -n 1)")"
     summarize

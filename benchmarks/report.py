@@ -130,10 +130,13 @@ def projection_lines(results: dict) -> list[str]:
                  f"{steady['eval_s']:.2f} s, checkpoint {steady['checkpoint_s']:.2f} s, pictures "
                  f"{steady['figures_s']:.2f} s, other {steady['other_s']:.2f} s; from {p['measured_epochs']} "
                  f"epochs of train.py --cache on over {p['scaled_from']['train_images']:,} resident training images")
-    cold = results.get("smoke", {}).get("step", {}).get("first_call_s")
-    if cold is not None:
-        lines.append(f"  compile: {parts['compile']:.1f} s in the run, after the smoke stage's first compiled step "
-                     f"({cold:.1f} s, inductor's caches cold) filled inductor's on-disk caches")
+    smoke_step = results.get("smoke", {}).get("step", {})
+    if answer.get("compiled") is False:
+        lines.append(f"  compile: off in this run; {parts['compile']:.1f} s is the first step's warm-up")
+    elif smoke_step.get("compile") and smoke_step.get("first_call_s") is not None:
+        lines.append(f"  compile: {parts['compile']:.1f} s in the run ({answer.get('compile_how', '')}), with inductor's "
+                     f"on-disk caches as the smoke stage's first compiled step ({smoke_step['first_call_s']:.1f} s) "
+                     "left them")
     graph = results.get("graph", {})
     if graph.get("projection"):
         verdict = graph.get("comparison", {}).get("verdict", "not compared")

@@ -552,4 +552,9 @@ def measure(args, folder, shards, results, current):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if rc == 130:  # stopped: what was measured is written; do not wait seconds for loader workers to wind down
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
