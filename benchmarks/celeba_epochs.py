@@ -252,11 +252,12 @@ def main(argv=None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.exit("error: run this on one process; the resident splits are tiled per process")
     flags = list(args.train_flags)
-    if "--cuda-graph" in train_flags_of():
+    has_cuda_graph = "--cuda-graph" in train_flags_of()
+    if has_cuda_graph:
         flags += ["--cuda-graph", "on" if args.graphed else "off"]
     elif args.graphed:
-        report.merge(args.json, args.key, {"skipped": "train.py has no --cuda-graph flag yet"})
-        print("skipped: train.py has no --cuda-graph flag yet")
+        report.merge(args.json, args.key, {"skipped": report.NO_CUDA_GRAPH})
+        print(f"skipped: {report.NO_CUDA_GRAPH}")
         return 0
     argv = ["--data-path", str(args.data_path), "--output-dir", str(args.output_dir), "--epochs", str(args.epochs),
             "--cache", "on", *flags]
@@ -265,7 +266,8 @@ def main(argv=None) -> int:
           f"images tiled from the faces decoded from {args.data_path}; train.py's 'cached' lines count the tiles, "
           "the decode rate is the fill's, recorded below)")
     recorder = Recorder(sizes)
-    part = {"flags": flags, "command": "train.py " + " ".join(argv), "started": time.strftime("%H:%M:%S")}
+    part = {"flags": flags, "command": "train.py " + " ".join(argv), "started": time.strftime("%H:%M:%S"),
+            "has_cuda_graph": has_cuda_graph}
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         for patch in recorder.patches():

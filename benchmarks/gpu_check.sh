@@ -175,7 +175,14 @@ answer_run() {  # KEY CAP [celeba_epochs.py flags]
         --train-images "$RESIDENT_TRAIN" --val-images "$RESIDENT_VAL" --device "$DEVICE" "$@" $TRAIN_ARGS
 }
 wants answer && answer_run answer "$ANSWER_S"
-wants graph && answer_run graph "$GRAPH_S" --graphed --compare answer
+if wants graph; then
+    if reason=$("$PYTHON" benchmarks/report.py skip-graph "$RESULTS"); then  # known from the answer run
+        note "$(printf '%-8s skipped: %s' graph "$reason")"
+        summarize
+    else
+        answer_run graph "$GRAPH_S" --graphed --compare answer
+    fi
+fi
 
 if wants bench; then
     # shellcheck disable=SC2086

@@ -5,6 +5,7 @@ the files that come back from the machine.
     python benchmarks/report.py summary RESULTS.json STAGES.txt SUMMARY.txt   # projection first, then stages
     python benchmarks/report.py fit OUTDIR                                    # at most 8 files of 16 MiB
     python benchmarks/report.py bench throughput.json                         # its rows, in one line
+    python benchmarks/report.py skip-graph RESULTS.json        # status 0: skipped, train.py has no --cuda-graph
 
 Imports neither torch nor numpy: benchmarks/gpu_check.sh calls it after every stage.
 """
@@ -24,6 +25,7 @@ SEED_BATCH = 128
 # The parts of a projected run, in the order they happen; their sum is the projection.
 PARTS = ("fill_train", "fill_val", "compile", "steps", "evaluation", "checkpoints", "pictures", "other")
 MAX_FILES, MAX_BYTES = 8, 16 << 20  # what comes back from the GPU machine
+NO_CUDA_GRAPH = "train.py --help lists no --cuda-graph flag"
 NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -196,6 +198,13 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"] and len(argv) == 2:
         print(bench_line(argv[1]))
+        return 0
+    if argv[:1] == ["skip-graph"] and len(argv) == 2:
+        # The answer run found no --cuda-graph: the graph stage is recorded as skipped without starting torch.
+        if read(argv[1]).get("answer", {}).get("has_cuda_graph") is not False:
+            return 1
+        merge(argv[1], "graph", {"skipped": NO_CUDA_GRAPH})
+        print(NO_CUDA_GRAPH)
         return 0
     if argv[:1] == ["summary"] and len(argv) == 4:
         write_summary(*argv[1:])

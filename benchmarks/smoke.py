@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--decode", type=int, default=256, help="JPEGs in the decode comparison (default: 256)")
     p.add_argument("--batch-size", type=int, default=128, help="the step's batch (default: 128, the seed's)")
     p.add_argument("--workers", type=int, default=2, help="the cache fill's loader processes (default: 2)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after the first (default: 5)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the step (default: train.py's choice on this device)")
     args = p.parse_args(argv)
@@ -107,7 +108,7 @@ def step(args, state) -> dict:
     sync(args.device)
     first = time.perf_counter() - started
     times = []
-    for _ in range(5):
+    for _ in range(max(1, args.steps)):
         started = time.perf_counter()
         out = train_step(images)
         sync(args.device)

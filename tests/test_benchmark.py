@@ -85,10 +85,10 @@ RESULT_FILES = ["answer.log", "bench.log", "results.json", "setup.log", "smoke.l
 DRY_RUN = {  # every stage on the CPU, at sizes that keep the whole check to a few minutes on 2 cores; the
     # GPU's caps and budget would stop stages on a busy 2-core machine, where only the script is tested
     "DEVICE": "cpu", "INSTALL": "0", "BUDGET_S": "1500", "SMOKE_S": "600", "ANSWER_S": "600", "GRAPH_S": "600",
-    "BENCH_S": "600", "TESTS_S": "600", "IMAGES": "200", "EPOCHS": "2", "RESIDENT_TRAIN": "256", "RESIDENT_VAL": "64",
+    "BENCH_S": "600", "TESTS_S": "600", "IMAGES": "200", "EPOCHS": "2", "RESIDENT_TRAIN": "128", "RESIDENT_VAL": "32",
     "TRAIN_ARGS": "--batch-size 32 --workers 1 --no-compile",
-    "SMOKE_ARGS": "--batch-size 32 --workers 1 --decode 32 --no-compile",
-    "BENCH_ARGS": "--quick --no-compile --batch-size 16 --workers 1 --steps 1 --repeats 2",
+    "SMOKE_ARGS": "--batch-size 32 --workers 1 --decode 32 --steps 2 --no-compile",
+    "BENCH_ARGS": "--quick --no-compile --loaders torch,cache --batch-size 16 --workers 1 --steps 1 --repeats 2",
 }
 
 
@@ -130,12 +130,12 @@ def test_the_dry_run_of_the_gpu_check_returns_the_projection_by_part_in_eight_fi
     assert parts["checkpoints"] > 0 and parts["pictures"] > 0
     assert projection["total_s"] == pytest.approx(sum(parts.values()), abs=0.01)
     assert projection["epochs"] == 40 and projection["train_images"] == 162_770
-    assert len(answer["epochs"]) == 2 and answer["train_images"] == 256 and answer["batch_size"] == 32
+    assert len(answer["epochs"]) == 2 and answer["train_images"] == 128 and answer["batch_size"] == 32
     for epoch in answer["epochs"]:
         split = sum(epoch[k] for k in ("steps_s", "eval_s", "checkpoint_s", "figures_s", "other_s"))
         assert epoch["wall_s"] == pytest.approx(split, abs=0.01) and epoch["steps_s"] > 0
     # the fills were measured on the shards' real JPEGs (160-odd training images of the 200), not the tiles
-    assert 0 < answer["fill"]["train"]["images"] < 256 and answer["fill"]["train"]["seconds"] > 0
+    assert 128 < answer["fill"]["train"]["images"] < 200 and answer["fill"]["train"]["seconds"] > 0
 
     assert summary[0].startswith("40 CelebA epochs (162,770 training images, batch 32, not the seed 128) on ")
     assert summary[0].endswith(f"{projection['total_s']:.1f} s projected")
