@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -277,6 +278,8 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             rc = 130
         recorder.ended = time.perf_counter()
+    # What follows takes well under the seconds between the stage's SIGINT and its SIGKILL: let it finish.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     part["seconds"] = round(recorder.ended - started, 2)
     rows = read_rows(args.output_dir / train.METRICS)
     part.update(rc=rc, fill=recorder.fills, train_py_fill={k: rows[0][k] for k in ("fill_s", "fill_source")
@@ -301,7 +304,7 @@ def main(argv=None) -> int:
     part.update(batch_size=batch, train_images=sizes["train"], val_images=sizes["val"], compile_s=compile_s,
                 compiled=compiled, compile_how=how, first_step_s=recorder.first_step_s, final_s=round(final_s, 3), epochs=epochs,
                 sources=source, weights=str(args.output_dir / train.WEIGHTS),
-                device=str(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"),
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
                 projection=report.project(run))
     if args.compare:
         other = report.read(args.json).get(args.compare)

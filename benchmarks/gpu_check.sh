@@ -195,7 +195,7 @@ fi
 if wants tests; then
     timeout_flag=()
     if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then
-        timeout_flag=(-p pytest_timeout --timeout "$TEST_TIMEOUT_S")
+        timeout_flag=(--timeout "$TEST_TIMEOUT_S")  # the plugin loads itself once installed
     else
         note "tests    pytest-timeout is not installed: no per-test limit, the stage's alone"
     fi
