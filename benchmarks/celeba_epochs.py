@@ -284,8 +284,15 @@ def main(argv=None) -> int:
     rows = read_rows(args.output_dir / train.METRICS)
     part.update(rc=rc, fill=recorder.fills, train_py_fill={k: rows[0][k] for k in ("fill_s", "fill_source")
                                                             if rows and k in rows[0]})
+    sources = rows[0].get("fill_source") if rows and isinstance(rows[0].get("fill_source"), dict) else {}
+    for split, fill in recorder.fills.items():  # train.py before the decoded-split file always decoded
+        fill["source"] = sources.get(split, "decoded")
     if rc != 0:
         part["error"] = f"train.py returned {rc} after {len(rows)} epochs (see answer.log)"
+    elif "train" not in recorder.fills:
+        rc, part["error"] = 1, ("train.py did not build its training cache through build_loader('cache', ...): the run "
+                                "was not over CelebA-sized resident splits, and its figures are not kept")
+        rows = []
     if not rows:
         part.setdefault("error", "train.py wrote no metrics")
         report.merge(args.json, args.key, part)

@@ -126,6 +126,11 @@ def projection_lines(results: dict) -> list[str]:
     lines = [f"{p['epochs']} CelebA epochs ({p['train_images']:,} training images, batch {batch}"
              f"{'' if batch == SEED_BATCH else f', not the seed 128'}) on {device}: {p['total_s']:.1f} s projected"]
     lines.append("  = " + " + ".join(f"{name.replace('_', ' ')} {parts[name]:.1f} s" for name in PARTS))
+    fills = answer.get("fill", {})
+    if fills:
+        lines.append("  fills at the rate measured on the shards' JPEGs: " + ", ".join(
+            f"{split} {f['images'] / f['seconds']:,.0f} img/s ({f.get('source', 'decoded')}, {f['images']:,} images)"
+            for split, f in fills.items() if f.get("seconds")))
     steady = p["per_later_epoch_s"]
     rate = f" ({p['steps_img_per_s']:,.0f} img/s)" if p.get("steps_img_per_s") else ""
     lines.append(f"  each epoch after the first: steps {steady['steps_s']:.2f} s{rate}, evaluation "

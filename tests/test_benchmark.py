@@ -162,17 +162,17 @@ def test_the_dry_run_of_the_gpu_check_returns_the_projection_by_part_in_eight_fi
 def test_a_budget_that_cuts_the_benchmark_keeps_the_rows_finished_before(tmp_path):
     """The budget runs out in the middle of the benchmark: the stage is stopped with SIGINT, the rows
     measured before the cut are in a JSON that parses, and summary.txt says which stage stopped.
-    Each training row here takes its 10 s window (--steps 1000 is cut down to it), so with about a
-    minute for the stage the cut falls after the first rows and long before the last."""
+    Each training row here takes two 10 s windows (--steps 1000 is cut down to fit one), so with 80 to
+    90 s for the stage the cut falls after the first rows and long before the last."""
     out = tmp_path / "out"
     result = gpu_check(out, STAGES="bench", BUDGET_S="110", BENCH_S="150",
-                       BENCH_ARGS="--no-compile --batch-size 16 --workers 1 --steps 1000 --repeats 1")
+                       BENCH_ARGS="--no-compile --batch-size 16 --workers 1 --steps 1000 --repeats 2")
     assert result.returncode != 0, result.stdout + result.stderr
     check_limits(out)
     summary = (out / "summary.txt").read_text()
     assert summary.startswith("40 CelebA epochs: not projected: the answer stage did not finish")
     assert re.search(r"^bench +STOPPED .*what it finished is kept", summary, re.M), summary
-    assert "stopped during step " in summary or "stopped during loader " in summary, summary
+    assert re.search(r"stopped during (step|loader|end to end) ", summary), summary
     bench = json.loads((out / "throughput.json").read_text())
     assert bench["interrupted"], bench
     assert bench["train_step"]["seed"]["img_per_s"] > 0  # the first row, finished before the cut
