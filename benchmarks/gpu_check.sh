@@ -1,23 +1,40 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: install, the CUDA tests, the benchmark, one epoch of train.py per loader.
+# One command for a GPU machine, in stages ordered by what they answer, inside a time budget.
 #
-#   benchmarks/make_wheels.sh                 # here, with a package index: fills .whl/ (about 10 MB)
+#   benchmarks/make_wheels.sh                 # here, with a package index: fills .whl/
 #   benchmarks/gpu_check.sh [OUTDIR]          # there, from the checkout's root, with .whl/ beside it
 #
-# It uses the machine's own torch and torchvision, installs the wheels from .whl/ (webdataset, simplejpeg,
-# TorchCodec) into a scratch folder and the project with --no-deps, and writes its results, eight files,
-# into OUTDIR ($OUT if set, else gpu-check/): summary.txt (each step: ok, skipped or failed, seconds),
-# env.txt, install.log, test_cuda.log, shards.log, train.log (each run's output and metrics.jsonl),
-# throughput.txt and throughput.json. Scratch (shards, checkpoints) goes to a temporary folder.
-# It keeps within BUDGET_S seconds (570, so that it ends inside a ten-minute limit) by giving each
-# step at most what is left; a step that runs out is stopped and reported.
+# Setup (always): the wheels from .whl/ into a scratch folder, the environment, a few thousand synthetic
+# JPEGs sharded by prep/shard.py. Then the stages, each writing its results as it ends, so that a run cut
+# anywhere still returns everything finished before the cut:
+#   smoke   (<= 90 s) versions, which JPEG decoder loaded, one compiled step, one cache batch, a batched
+#           decode of a few hundred JPEGs on the device against the CPU decode (benchmarks/smoke.py);
+#   answer  train.py itself for EPOCHS epochs with --cache on over resident splits of CelebA's size,
+#           each epoch's wall time split into steps, evaluation, checkpoint and pictures, the compile
+#           apart, and the projection of 40 CelebA epochs in seconds (benchmarks/celeba_epochs.py);
+#   graph   the same run with --cuda-graph on, where train.py has that flag, its losses and weights
+#           compared with the answer's;
+#   bench   benchmarks/throughput.py: every step mode, the loaders, the fill; its JSON is rewritten
+#           after every row and when the stage's time runs out;
+#   tests   the CUDA tests, each under a per-test timeout (pytest-timeout, where installed).
+# OUTDIR ($OUT if set, else gpu-check/) receives eight files: summary.txt (first lines: the projection,
+# then one line per stage: ok, FAILED, STOPPED or skipped, with its seconds), results.json (every
+# stage's figures), setup.log, smoke.log, answer.log, bench.log, throughput.json, tests.log. Scratch
+# (shards, runs, wheels) goes to a temporary folder. No file is larger than 16 MiB (report.py fit).
 #
 # Settings, from the environment:
+#   STAGES=smoke,answer,graph,bench,tests   the stages to run, in this order whatever the order given
+#   BUDGET_S=400        seconds for the whole check; each stage gets at most its cap or what is left
+#   SMOKE_S=90 ANSWER_S=150 GRAPH_S=110 BENCH_S=150 TESTS_S=240   the stages' caps, in seconds
 #   PYTHON=python3      the interpreter that has torch
-#   DEVICE=cuda         cpu runs every step on the CPU (the CUDA tests skip): a dry run of this script
-#   IMAGES=10000        synthetic faces for the train.py runs
-#   TRAIN_ARGS=         extra train.py flags, for every run
-#   BENCH_ARGS=         extra benchmarks/throughput.py flags (e.g. --quick)
+#   DEVICE=cuda         cpu runs every stage on the CPU (CUDA tests skip): a dry run of this script
+#   IMAGES=4000         synthetic faces sharded for the fill, the smoke and the benchmark
+#   EPOCHS=3            epochs of the answer run (the first holds the compile)
+#   RESIDENT_TRAIN=162770 RESIDENT_VAL=19867   the answer run's resident split sizes (CelebA's)
+#   TRAIN_ARGS=         extra train.py flags for the answer and graph runs
+#   SMOKE_ARGS=         extra benchmarks/smoke.py flags
+#   BENCH_ARGS=--repeats 3   extra benchmarks/throughput.py flags
+#   TEST_TIMEOUT_S=120  each CUDA test's limit
 #   WHEELS=.whl         the wheels to install; a missing or empty folder installs none
 #   INSTALL=1           0: install nothing (the environment already has the project's needs)
 set -uo pipefail
@@ -25,133 +42,173 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
 OUTDIR=$(mkdir -p "${1:-${OUT:-gpu-check}}" && cd "${1:-${OUT:-gpu-check}}" && pwd)
+STAGES=${STAGES:-smoke,answer,graph,bench,tests}
+BUDGET_S=${BUDGET_S:-400}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
-IMAGES=${IMAGES:-10000}
+IMAGES=${IMAGES:-4000}
+EPOCHS=${EPOCHS:-3}
+RESIDENT_TRAIN=${RESIDENT_TRAIN:-162770}
+RESIDENT_VAL=${RESIDENT_VAL:-19867}
 TRAIN_ARGS=${TRAIN_ARGS:-}
-BENCH_ARGS=${BENCH_ARGS:-}
+SMOKE_ARGS=${SMOKE_ARGS:-}
+BENCH_ARGS=${BENCH_ARGS:---repeats 3}
+TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-120}
+SMOKE_S=${SMOKE_S:-90} ANSWER_S=${ANSWER_S:-150} GRAPH_S=${GRAPH_S:-110} BENCH_S=${BENCH_S:-150} TESTS_S=${TESTS_S:-240}
 WHEELS=${WHEELS:-$ROOT/.whl}
 INSTALL=${INSTALL:-1}
-BUDGET_S=${BUDGET_S:-570}
+RESERVE_S=8   # kept back from every stage for the summary at the end
+KILL_S=5      # after its time, a stage gets SIGINT, then SIGKILL this much later
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1 PYTHONPATH="$WORK/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-SUMMARY=$OUTDIR/summary.txt
-FAILED=0
-: >"$SUMMARY"
-note() { echo "$*" | tee -a "$SUMMARY"; }
+for stage in ${STAGES//,/ }; do
+    case $stage in smoke|answer|graph|bench|tests) ;;
+        *) echo "error: STAGES: unknown stage '$stage'; choose from smoke,answer,graph,bench,tests" >&2; exit 2 ;;
+    esac
+done
+wants() { [[ ",$STAGES," == *",$1,"* ]]; }
 
-# step NAME CAP_S LOG COMMAND...: runs COMMAND with its output appended to LOG, for at most CAP_S seconds
-# or what is left of the budget, and records the outcome.
-step() {
+RESULTS=$OUTDIR/results.json
+SUMMARY=$OUTDIR/summary.txt
+SETUP_LOG=$OUTDIR/setup.log
+LINES=$WORK/stages.txt
+FAILED=0
+rm -f "$RESULTS" "$SUMMARY" "$SETUP_LOG" "$OUTDIR"/{smoke.log,answer.log,bench.log,throughput.json,tests.log}
+: >"$LINES"
+note() { echo "$*" | tee -a "$LINES"; }
+summarize() { "$PYTHON" benchmarks/report.py summary "$RESULTS" "$LINES" "$SUMMARY" || cp "$LINES" "$SUMMARY"; }
+
+# stage NAME CAP_S LOG COMMAND...: runs COMMAND, its output appended to LOG, for at most CAP_S seconds or
+# what is left of the budget (then SIGINT, so that it writes what it has), records the outcome and
+# rewrites summary.txt. Returns COMMAND's status.
+stage() {
     local name=$1 cap=$2 log=$3
     shift 3
-    local left=$(( BUDGET_S - SECONDS ))
+    local left=$(( BUDGET_S - SECONDS - RESERVE_S - KILL_S ))
     local limit=$(( cap < left ? cap : left ))
-    if (( limit < 20 )); then
-        note "$(printf '%-22s skipped: %ss of the %ss budget left' "$name" "$left" "$BUDGET_S")"
+    if (( limit < 10 )); then
+        note "$(printf '%-8s skipped: %ss of the %ss budget left' "$name" "$(( BUDGET_S - SECONDS ))" "$BUDGET_S")"
         FAILED=1
-        return 1
+        summarize
+        return 125
     fi
-    echo "== $name: $*" >>"$log"
+    echo "== $name ($(date -u +%H:%M:%S), at most ${limit}s): $*" >>"$log"
     local started=$SECONDS
-    timeout --signal=INT --kill-after=15 "$limit" "$@" >>"$log" 2>&1
+    timeout --signal=INT --kill-after=$KILL_S "$limit" "$@" >>"$log" 2>&1
     local rc=$?
     local took=$(( SECONDS - started ))
     if (( rc == 0 )); then
-        note "$(printf '%-22s ok      %4ss' "$name" "$took")"
-    elif (( rc == 124 )); then
-        note "$(printf '%-22s STOPPED %4ss  (its %ss ran out; see %s)' "$name" "$took" "$limit" "$(basename "$log")")"
+        note "$(printf '%-8s ok      %4ss' "$name" "$took")"
+    elif (( rc == 124 || rc == 130 || rc == 137 )); then
+        note "$(printf '%-8s STOPPED %4ss  (its %ss ran out; what it finished is kept; see %s)' "$name" "$took" "$limit" "$(basename "$log")")"
         FAILED=1
     else
-        note "$(printf '%-22s FAILED  %4ss  (exit %s; see %s)' "$name" "$took" "$rc" "$(basename "$log")")"
+        note "$(printf '%-8s FAILED  %4ss  (exit %s; see %s)' "$name" "$took" "$rc" "$(basename "$log")")"
         FAILED=1
     fi
+    summarize
     return $rc
 }
 
-note "gpu_check $(date -u '+%Y-%m-%d %H:%M:%S UTC') | device $DEVICE | $IMAGES synthetic faces | budget ${BUDGET_S}s"
+note "gpu_check $(date -u '+%Y-%m-%d %H:%M:%S UTC') | device $DEVICE | stages $STAGES | budget ${BUDGET_S}s"
 note "commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (with local changes)')"
 
-# ----------------------------------------------------------------------------- install
-INSTALL_LOG=$OUTDIR/install.log
-: >"$INSTALL_LOG"
+# ----------------------------------------------------------------------------- setup
 if [[ $INSTALL == 1 ]]; then
     shopt -s nullglob
     wheels=("$WHEELS"/*.whl)
     shopt -u nullglob
     if (( ${#wheels[@]} )); then
-        step "install wheels" 120 "$INSTALL_LOG" "$PYTHON" -m pip install --no-index --no-deps --no-compile \
+        stage install 60 "$SETUP_LOG" "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
             --target "$WORK/site" "${wheels[@]}"
     else
-        note "install wheels         none in $WHEELS (benchmarks/make_wheels.sh fills it): using what is installed"
+        note "install  none in $WHEELS (benchmarks/make_wheels.sh fills it): using what is installed"
     fi
-    step "install project" 120 "$INSTALL_LOG" "$PYTHON" -m pip install --no-index --no-deps --no-build-isolation \
-        -e "$ROOT"
 fi
 
-ENV_LOG=$OUTDIR/env.txt
-"$PYTHON" - >"$ENV_LOG" 2>&1 <<'EOF'
-import importlib, platform, torch
+# The environment, under a timeout: a driver that hangs at CUDA's start is one line, not the whole budget.
+echo "== environment" >>"$SETUP_LOG"
+timeout --kill-after=5 60 "$PYTHON" - "$DEVICE" >>"$SETUP_LOG" 2>&1 <<'EOF'
+import importlib, platform, sys, torch
+cuda = sys.argv[1].startswith("cuda")
 print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
       "| GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
-for name in ("torchvision", "torchcodec", "webdataset", "simplejpeg", "PIL", "numpy", "tqdm", "nvidia.dali"):
+for name in ("torchvision", "torchcodec", "triton", "webdataset", "simplejpeg", "PIL", "numpy", "tqdm", "pytest_timeout",
+             "nvidia.dali"):
     try:
-        print(f"{name} {importlib.import_module(name).__version__}")
+        print(f"{name} {getattr(importlib.import_module(name), '__version__', 'present')}")
     except Exception as exn:  # absent, or broken: either way the line says so
         print(f"{name} missing ({type(exn).__name__}: {exn})")
-try:
-    from pipeline.torch_loader import jpeg_decoder
-    print("GPU decode:", jpeg_decoder(torch.device("cuda"))[0] if torch.cuda.is_available() else "no CUDA")
-except Exception as exn:
-    print("GPU decode: none", exn)
+if cuda and not torch.cuda.is_available():
+    sys.exit("error: DEVICE is cuda but torch sees no GPU")
 EOF
-command -v nvidia-smi >/dev/null && nvidia-smi >>"$ENV_LOG" 2>&1
-note "$(head -n 1 "$ENV_LOG")"
-note "$(grep '^GPU decode' "$ENV_LOG")"
-if "$PYTHON" -c "import nvidia.dali" 2>/dev/null; then
-    HAVE_DALI=1
-else
-    HAVE_DALI=0
-    note "DALI is absent (about 480 MB installed, more than one transfer carries): its test, train run and benchmark rows are skipped"
+env_rc=$?
+command -v nvidia-smi >/dev/null && timeout 20 nvidia-smi >>"$SETUP_LOG" 2>&1
+if (( env_rc != 0 )); then
+    note "env      FAILED (exit $env_rc; see setup.log): $(tail -n 1 "$SETUP_LOG")"
+    summarize
+    exit 1
+fi
+note "env      $(grep -m1 '^python ' "$SETUP_LOG")"
+
+if wants smoke || wants answer || wants graph || wants bench; then
+    stage shards 90 "$SETUP_LOG" "$PYTHON" prep/shard.py --synthetic "$IMAGES" \
+        --data-path "$WORK/faces/img_align_celeba" --output-dir "$WORK/shards" --quiet ||
+        { note "the stages need the shards: stopping"; exit 1; }
 fi
 
-# ----------------------------------------------------------------------------- the CUDA tests
-step "tests/test_cuda.py" 240 "$OUTDIR/test_cuda.log" "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
-note "$(printf '%-22s %s' '' "$(tail -n 1 "$OUTDIR/test_cuda.log")")"
-
-# ----------------------------------------------------------------------------- shards for the runs
-step "shards" 120 "$OUTDIR/shards.log" "$PYTHON" prep/shard.py --synthetic "$IMAGES" \
-    --data-path "$WORK/faces/img_align_celeba" --output-dir "$WORK/shards" --quiet
-
-# ----------------------------------------------------------------------------- the benchmark
-# Before the runs: it prints its table only at the end, and the runs reuse its compiled kernels
-# (inductor's cache on disk), so what it leaves of the budget goes further there.
-# shellcheck disable=SC2086
-step "benchmark" 330 "$OUTDIR/throughput.txt" "$PYTHON" benchmarks/throughput.py --device "$DEVICE" \
-    --json "$OUTDIR/throughput.json" $BENCH_ARGS
-
-# ----------------------------------------------------------------------------- one epoch per loader
-# One run per line: a name, then train.py's flags. Another way of feeding the model (a resident cache,
-# say) is one more line here.
-TRAIN_RUNS=(
-    "torch --loader torch"
-    "dali --loader dali"
-)
-TRAIN_LOG=$OUTDIR/train.log
-: >"$TRAIN_LOG"
-for run in "${TRAIN_RUNS[@]}"; do
-    read -r name flags <<<"$run"
-    if [[ $flags == *"--loader dali"* && $HAVE_DALI == 0 ]]; then
-        note "$(printf '%-22s skipped: DALI is absent' "train $name")"
-        continue
-    fi
+# ----------------------------------------------------------------------------- the stages
+if wants smoke; then
     # shellcheck disable=SC2086  # the flags are words
-    step "train $name" 150 "$TRAIN_LOG" "$PYTHON" train.py --data-path "$WORK/shards" --epochs 1 \
-        --device "$DEVICE" --output-dir "$WORK/train-$name" $flags $TRAIN_ARGS &&
-        { echo "-- $name metrics.jsonl"; cat "$WORK/train-$name/metrics.jsonl"; } >>"$TRAIN_LOG"
-done
+    stage smoke "$SMOKE_S" "$OUTDIR/smoke.log" "$PYTHON" benchmarks/smoke.py --data-path "$WORK/shards" \
+        --images "$WORK/faces/img_align_celeba" --device "$DEVICE" --json "$RESULTS" $SMOKE_ARGS
+fi
 
-note "done in ${SECONDS}s: $([[ $FAILED == 0 ]] && echo 'every step ok' || echo 'some steps did not pass')"
+answer_run() {  # KEY CAP [celeba_epochs.py flags]
+    local key=$1 cap=$2
+    shift 2
+    # shellcheck disable=SC2086
+    stage "$key" "$cap" "$OUTDIR/answer.log" "$PYTHON" benchmarks/celeba_epochs.py --data-path "$WORK/shards" \
+        --output-dir "$WORK/run-$key" --json "$RESULTS" --key "$key" --epochs "$EPOCHS" \
+        --train-images "$RESIDENT_TRAIN" --val-images "$RESIDENT_VAL" --device "$DEVICE" "$@" $TRAIN_ARGS
+}
+wants answer && answer_run answer "$ANSWER_S"
+if wants graph; then
+    if reason=$("$PYTHON" benchmarks/report.py skip-graph "$RESULTS"); then  # known from the answer run
+        note "$(printf '%-8s skipped: %s' graph "$reason")"
+        summarize
+    else
+        answer_run graph "$GRAPH_S" --graphed --compare answer
+    fi
+fi
+
+if wants bench; then
+    # shellcheck disable=SC2086
+    stage bench "$BENCH_S" "$OUTDIR/bench.log" "$PYTHON" benchmarks/throughput.py --device "$DEVICE" \
+        --images "$WORK/faces/img_align_celeba" --limit 0 --json "$OUTDIR/throughput.json" $BENCH_ARGS
+    note "$(printf '%-8s %s' '' "$("$PYTHON" benchmarks/report.py bench "$OUTDIR/throughput.json" 2>&1 | tail -n 1)")"
+    summarize
+fi
+
+if wants tests; then
+    timeout_flag=()
+    if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then
+        timeout_flag=(--timeout "$TEST_TIMEOUT_S")  # the plugin loads itself once installed
+    else
+        note "tests    pytest-timeout is not installed: no per-test limit, the stage's alone"
+    fi
+    # The cache's CUDA test first (no compile), then the CUDA paths, then the graphed step's tests if present.
+    tests=(tests/test_cache.py tests/test_cuda.py)
+    [[ -f tests/test_cuda_graph.py ]] && tests+=(tests/test_cuda_graph.py)
+    stage tests "$TESTS_S" "$OUTDIR/tests.log" "$PYTHON" -m pytest -q -rs -p no:cacheprovider --durations=0 \
+        "${timeout_flag[@]}" -k cuda "${tests[@]}"
+    note "$(printf '%-8s %s' '' "$(grep -E '(passed|failed|skipped|error)' "$OUTDIR/tests.log" | tail -n 1)")"
+    summarize
+fi
+
+problems=$("$PYTHON" benchmarks/report.py fit "$OUTDIR" 2>&1) || { note "results  $problems"; FAILED=1; }
+note "done in ${SECONDS}s: $([[ $FAILED == 0 ]] && echo 'every stage ok' || echo 'some stages did not pass')"
+summarize
 exit $FAILED

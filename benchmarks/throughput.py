@@ -23,7 +23,14 @@
 
 Every figure is the median of --repeats timed windows after a warm-up that is not timed, with CUDA
 synchronised before each clock read. A loader's window is one whole epoch, its start included; the
-training windows are --steps steps.
+training windows are --steps steps. Each training mode is compiled once, in its row of section 2
+(whose warm-up holds the compile); the end-to-end rows reuse that step. The sections run in the order
+2, 1, 3. The JSON is rewritten after every row, and on Ctrl-C (SIGINT, which benchmarks/gpu_check.sh
+sends when the stage's time runs out) the rows finished so far are written and printed, with the row
+that was stopped under "interrupted".
+
+The 40-epoch figures here count the steps (and for `cache` one fill pass) only; benchmarks/celeba_epochs.py
+projects a whole train.py run, with the evaluation, checkpoints, pictures and compile.
 """
 
 import argparse
@@ -52,6 +59,7 @@ from tqdm import tqdm  # noqa: E402
 from model import CLAMP_EPS, VariationalAutoEncoder  # noqa: E402
 from model.step import TrainStep, make_optimizer, resolve_amp, resolve_compile  # noqa: E402
 from pipeline import build_loader, cli, default_workers  # noqa: E402
+from pipeline.files import atomic_write  # noqa: E402
 
 CELEBA_TRAIN = 162_770
 EPOCHS = 40
@@ -77,6 +85,9 @@ def parse_args(argv=None):
                    help="the project loaders' geometry (default: center, train.py's); the seed always squashes")
     p.add_argument("--quick", action="store_true",
                    help="fewer images, windows and steps, and no compile row on a CPU (CPU: about a minute on 2 cores)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="time no compiled mode, `default` included (a dry run of this script; not train.py's default "
+                        "where it compiles)")
     p.add_argument("--repeats", type=cli.positive_int, default=None, help="timed windows per row (default: 5, 3 with --quick)")
     p.add_argument("--steps", type=cli.positive_int, default=None,
                    help="training steps per timed window (default: CUDA 50, CPU 8, CPU --quick 4)")
@@ -266,6 +277,13 @@ def modes_for(args):
                     modes[mode] = "--quick skips it: about 20 s of compiling on a CPU"
         modes["fp16"] = "fp16 with a GradScaler is a CUDA mode"
         modes["compile-cudagraphs"] = "CUDA graphs need CUDA"
+    if args.no_compile:
+        for mode, settings in modes.items():
+            if isinstance(settings, dict) and settings.get("compile"):
+                if mode == "default":
+                    modes[mode] = {**settings, "compile": False}
+                else:
+                    modes[mode] = "--no-compile"
     if default_amp != "bf16":  # bf16 where train.py would not pick it: timed all the same, for comparison
         if isinstance(modes["bf16+compile"], dict):
             modes["bf16+compile"] = f"train.py would not use bf16 here: {why}"
@@ -289,17 +307,21 @@ def same_settings(modes, mode):
     return None
 
 
-def project_step(settings, device):
-    if settings.get("compile"):
-        torch._dynamo.reset()  # each mode compiles afresh, not against another mode's cache
-    model = VariationalAutoEncoder().to(
-        device, memory_format=torch.channels_last if settings["channels_last"] else torch.contiguous_format)
-    step = TrainStep(model, make_optimizer(model.parameters(), 3e-4, device), device, **settings)
+STEPS: dict = {}  # one TrainStep per settings: each mode is compiled once, and rows that train alike share it
 
-    def work(images):
-        step(images)
-        return len(images)
-    return work
+
+def project_step(settings, device):
+    key = (str(device), tuple(sorted(full_settings(settings).items())))
+    if key not in STEPS:
+        model = VariationalAutoEncoder().to(
+            device, memory_format=torch.channels_last if settings["channels_last"] else torch.contiguous_format)
+        step = TrainStep(model, make_optimizer(model.parameters(), 3e-4, device), device, **settings)
+
+        def work(images):
+            step(images)
+            return len(images)
+        STEPS[key] = work
+    return STEPS[key]
 
 
 # ----------------------------------------------------------------------------- report
@@ -308,12 +330,19 @@ def fmt_rate(row):
 
 
 def fmt_duration(seconds):
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+    """Seconds in the unit that keeps two or three significant digits: 8.4 s, 95 s, 12.5 min, 2.9 h."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def report(results):
     env, lines = results["env"], []
     lines.append(f"{env['device_name']} | batch {env['batch_size']} | workers {env['workers']} | {env['images']}")
+    if results.get("interrupted"):
+        lines.append(f"STOPPED during {results['interrupted']}: the rows below finished before it")
     lines.append("")
     lines.append(f"{'loader (batches on the device)':<40}{'img/s':>9}  {'vs seed':>8}")
     for name, row in results["loaders"].items():
@@ -345,6 +374,11 @@ def report(results):
     return "\n".join(lines)
 
 
+def write_json(path, results):
+    if path is not None:
+        atomic_write(path, (json.dumps(results, indent=1) + "\n").encode())
+
+
 def environment(args, source, num_images):
     try:
         import nvidia.dali
@@ -367,6 +401,7 @@ def environment(args, source, num_images):
         "cuda": torch.version.cuda if cuda else None, "torch_threads": torch.get_num_threads(),
         "batch_size": args.batch_size, "workers": args.workers, "crop": args.crop, "images": source,
         "num_images": num_images, "quick": args.quick, "repeats": args.repeats, "steps": args.steps,
+        "no_compile": args.no_compile,
     }
 
 
@@ -377,108 +412,149 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    with tempfile.TemporaryDirectory(prefix="vae-bench-") as tmp:
-        folder, shards, source = prepare_images(args, Path(tmp))
-        num_images = len(os.listdir(folder))
-        results = {"env": environment(args, source, num_images), "loaders": {}, "train_step": {}, "end_to_end": {}}
-        modes = modes_for(args)
-        skips = {name: loader_skip_reason(name, args) for name in LOADER_NAMES}
-        runnable = [name for name in LOADER_NAMES if skips[name] is None]
-        todo = len(runnable) * 2 + 1 + sum(isinstance(m, dict) for m in modes.values())
-        bar = tqdm(total=todo, desc="benchmark", unit="row", file=sys.stderr, dynamic_ncols=True)
-
-        def run_row(label, fn):
-            bar.set_postfix_str(label)
-            try:
-                return fn()
-            finally:
-                bar.update()
-
-        # 1. loaders
-        for name in LOADER_NAMES:
-            if skips[name]:
-                results["loaders"][name] = {"skipped": skips[name]}
-                continue
-            loader = make_loader(name, folder, shards, args)
-            def ready(images):
-                images.to(device, non_blocking=True)  # the project's loaders are there already
-                return len(images)
-            stream = forever(loader)
-            # Whole epochs, starts included: one untimed, then one per window.
-            epoch = len(loader)
-            results["loaders"][name] = run_row(f"loader {name}", lambda: timed(
-                stream, ready, warmup=epoch, steps=epoch, repeats=args.repeats, device=device, fixed=True))
-            results["loaders"][name]["dtype"] = "float32" if name == "seed" else "uint8"
-            if name == "cache":
-                results["loaders"][name].update(fill_figures(loader))
-            stream.close()
-        if "img_per_s" in results["loaders"].get("seed", {}):
-            for row in results["loaders"].values():
-                if "img_per_s" in row:
-                    row["vs_seed"] = row["img_per_s"] / results["loaders"]["seed"]["img_per_s"]
-
-        # 2. training step on batches in memory: real faces, a few distinct batches cycled
-        source_loader = build_loader("torch", shards, "train", args.batch_size, device, workers=0, crop=args.crop)
-        batches = list(itertools.islice(forever(source_loader), 4))
-        warmup = 2 if device.type == "cpu" else 10
-        e2e_warmup = 8 if device.type == "cpu" else 20  # until the loader's prefetch queue has filled
-        results["train_step"]["seed"] = run_row("step seed", lambda: timed(
-            itertools.cycle([b.float().div(255).contiguous() for b in batches]), seed_step(device),
-            warmup=warmup, steps=args.steps, repeats=args.repeats, device=device))
-        for mode, settings in modes.items():
-            if isinstance(settings, str):
-                results["train_step"][mode] = {"skipped": settings}
-                continue
-            twin = same_settings(modes, mode)
-            if twin:
-                results["train_step"][mode] = {**results["train_step"][twin], "same_as": twin}
-                bar.update()
-                continue
-            skipped_graphs = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
-            # Compiled modes warm up longer: on the 2-core CPU, one run's windows right after compiling went
-            # from 341 to 626 img/s (benchmarks/RESULTS.md), so 2 untimed steps were not enough there.
-            row = run_row(f"step {mode}", lambda: timed(
-                itertools.cycle(batches), project_step(settings, device),
-                warmup=warmup * (4 if settings.get("compile") else 1), steps=args.steps, repeats=args.repeats,
-                device=device))
-            if settings.get("compile_mode") == "reduce-overhead":
-                # Inductor falls back to plain compiled kernels, with a log line, where it cannot graph.
-                row["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skipped_graphs
-            results["train_step"][mode] = {**row, "settings": settings}
-
-        # 3. end to end: each loader feeding the default step (the seed's loader feeding the seed's step)
-        for name in LOADER_NAMES:
-            if skips[name]:
-                results["end_to_end"][name] = {"skipped": skips[name]}
-                continue
-            mode = "seed" if name == "seed" else "default"
-            work = seed_step(device) if name == "seed" else project_step(modes["default"], device)
-            loader = make_loader(name, folder, shards, args)
-            stream = forever(loader)
-            row = run_row(f"end to end {name}", lambda: timed(
-                stream, work, warmup=e2e_warmup, steps=args.steps, repeats=args.repeats, device=device))
-            stream.close()
-            row["mode"] = mode
-            row["fraction_of_ceiling"] = row["img_per_s"] / results["train_step"][mode]["img_per_s"]
-            row["projected_40_epochs_s"] = EPOCHS * CELEBA_TRAIN / row["img_per_s"]
-            if name == "cache":  # and the one pass that fills it
-                row.update(fill_figures(loader))
-                row["projected_40_epochs_s"] += CELEBA_TRAIN / row["fill_img_per_s"]
-            results["end_to_end"][name] = row
-        bar.close()
-        seed_e2e = results["end_to_end"].get("seed", {}).get("img_per_s")
-        if seed_e2e:
-            for row in results["end_to_end"].values():
-                if "img_per_s" in row:
-                    row["vs_seed"] = row["img_per_s"] / seed_e2e
-
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+    results = {"env": {}, "loaders": {}, "train_step": {}, "end_to_end": {}}
+    current = ["preparing the images"]  # the row under way, for the record when it is stopped
+    bar = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="vae-bench-") as tmp:
+            folder, shards, source = prepare_images(args, Path(tmp))
+            num_images = len(os.listdir(folder))
+            results["env"] = environment(args, source, num_images)
+            write_json(args.json, results)
+            bar = measure(args, folder, shards, results, current)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        results["interrupted"] = current[0]
+        write_json(args.json, results)
+        print(report(results) if results["env"] else f"STOPPED while {current[0]}: no row finished")
+        if args.json:
+            print(f"\nwrote {args.json} (stopped during {current[0]})")
+        return 130
     print(report(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
         print(f"\nwrote {args.json}")
     return 0
 
 
+def measure(args, folder, shards, results, current):
+    """Every row, each one's figures written to --json as soon as it is measured; returns the progress bar."""
+    device = args.device
+    modes = modes_for(args)
+    skips = {name: loader_skip_reason(name, args) for name in LOADER_NAMES}
+    runnable = [name for name in LOADER_NAMES if skips[name] is None]
+    todo = len(runnable) * 2 + 1 + sum(isinstance(m, dict) for m in modes.values())
+    bar = tqdm(total=todo, desc="benchmark", unit="row", file=sys.stderr, dynamic_ncols=True)
+
+    def run_row(label, fn):
+        current[0] = label
+        bar.set_postfix_str(label)
+        try:
+            return fn()
+        finally:
+            bar.update()
+
+    def done():
+        write_json(args.json, results)
+
+    # 2. training step on batches in memory: real faces, a few distinct batches cycled. First: the rows
+    # a short run most needs, and each mode's compile happens here, once.
+    current[0] = "reading the step's batches"
+    source_loader = build_loader("torch", shards, "train", args.batch_size, device, workers=0, crop=args.crop)
+    batches = list(itertools.islice(forever(source_loader), 4))
+    warmup = 2 if device.type == "cpu" else 10
+    e2e_warmup = 8 if device.type == "cpu" else 20  # until the loader's prefetch queue has filled
+    results["train_step"]["seed"] = run_row("step seed", lambda: timed(
+        itertools.cycle([b.float().div(255).contiguous() for b in batches]), seed_step(device),
+        warmup=warmup, steps=args.steps, repeats=args.repeats, device=device))
+    done()
+    for mode, settings in modes.items():
+        if isinstance(settings, str):
+            results["train_step"][mode] = {"skipped": settings}
+            continue
+        twin = same_settings(modes, mode)
+        if twin:
+            results["train_step"][mode] = {**results["train_step"][twin], "same_as": twin}
+            bar.update()
+            done()
+            continue
+        skipped_graphs = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+        # Compiled modes warm up longer: on the 2-core CPU, one run's windows right after compiling went
+        # from 341 to 626 img/s (benchmarks/RESULTS.md), so 2 untimed steps were not enough there.
+        row = run_row(f"step {mode}", lambda: timed(
+            itertools.cycle(batches), project_step(settings, device),
+            warmup=warmup * (4 if settings.get("compile") else 1), steps=args.steps, repeats=args.repeats,
+            device=device))
+        if settings.get("compile_mode") == "reduce-overhead":
+            # Inductor falls back to plain compiled kernels, with a log line, where it cannot graph.
+            row["cudagraph_skips"] = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skipped_graphs
+        results["train_step"][mode] = {**row, "settings": settings}
+        done()
+
+    # 1. loaders
+    for name in LOADER_NAMES:
+        if skips[name]:
+            results["loaders"][name] = {"skipped": skips[name]}
+            continue
+        current[0] = f"loader {name} (building it)"
+        loader = make_loader(name, folder, shards, args)
+        def ready(images):
+            images.to(device, non_blocking=True)  # the project's loaders are there already
+            return len(images)
+        stream = forever(loader)
+        # Whole epochs, starts included: one untimed, then one per window.
+        epoch = len(loader)
+        results["loaders"][name] = run_row(f"loader {name}", lambda: timed(
+            stream, ready, warmup=epoch, steps=epoch, repeats=args.repeats, device=device, fixed=True))
+        results["loaders"][name]["dtype"] = "float32" if name == "seed" else "uint8"
+        if name == "cache":
+            results["loaders"][name].update(fill_figures(loader))
+        stream.close()
+        done()
+    if "img_per_s" in results["loaders"].get("seed", {}):
+        for row in results["loaders"].values():
+            if "img_per_s" in row:
+                row["vs_seed"] = row["img_per_s"] / results["loaders"]["seed"]["img_per_s"]
+        done()
+
+    # 3. end to end: each loader feeding the default step (the seed's loader feeding the seed's step)
+    for name in LOADER_NAMES:
+        if skips[name]:
+            results["end_to_end"][name] = {"skipped": skips[name]}
+            continue
+        mode = "seed" if name == "seed" else "default"
+        work = seed_step(device) if name == "seed" else project_step(modes["default"], device)
+        current[0] = f"end to end {name} (building the loader)"
+        loader = make_loader(name, folder, shards, args)
+        stream = forever(loader)
+        row = run_row(f"end to end {name}", lambda: timed(
+            stream, work, warmup=e2e_warmup, steps=args.steps, repeats=args.repeats, device=device))
+        stream.close()
+        row["mode"] = mode
+        row["fraction_of_ceiling"] = row["img_per_s"] / results["train_step"][mode]["img_per_s"]
+        row["projected_40_epochs_s"] = EPOCHS * CELEBA_TRAIN / row["img_per_s"]
+        row["projection_counts"] = "the steps" + (" and one fill pass" if name == "cache" else "")
+        if name == "cache":  # and the one pass that fills it
+            row.update(fill_figures(loader))
+            row["projected_40_epochs_s"] += CELEBA_TRAIN / row["fill_img_per_s"]
+        results["end_to_end"][name] = row
+        done()
+    bar.close()
+    seed_e2e = results["end_to_end"].get("seed", {}).get("img_per_s")
+    if seed_e2e:
+        for row in results["end_to_end"].values():
+            if "img_per_s" in row:
+                row["vs_seed"] = row["img_per_s"] / seed_e2e
+    done()
+    return bar
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if rc == 130:  # stopped: what was measured is written; do not wait seconds for loader workers to wind down
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)

@@ -221,6 +221,12 @@ def _torchcodec_decode(jpegs: list[torch.Tensor], device: torch.device) -> list[
 
 def _torchvision_decode(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg  # deprecated since torchvision 0.29
+    if device.type == "cuda":
+        # torchvision allocates the outputs on the current stream (the loader's side stream) and decodes
+        # on a pool stream that does not wait for it, so the caching allocator may hand it a block that
+        # work queued on the current stream still reads (pytorch/vision#9606). With nothing queued
+        # there, no such block exists: the host waits for this stream alone, not the training stream.
+        torch.cuda.current_stream(device).synchronize()
     return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
 
 

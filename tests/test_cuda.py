@@ -83,6 +83,32 @@ def test_device_decode_does_not_wait_for_queued_training_work(shards):
     assert images.float().std() > 10  # and the batch is real pictures
 
 
+def test_the_torchvision_fallback_decode_leaves_queued_reads_alone(faces_dir):
+    """torchvision's decode_jpeg allocates its outputs on the current stream and writes them from a pool
+    stream of its own (pytorch/vision#9606). Blocks freed while reductions over them are still queued
+    behind a long kernel must not be overwritten before those reductions run: each must still read
+    the value its tensor was filled with."""
+    from pipeline.torch_loader import _torchvision_decode
+    jpeg = next(iter(sorted(faces_dir.iterdir()))).read_bytes()
+    data = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+    (probe,) = _torchvision_decode([data], CUDA)
+    shape, n = probe.shape, 8
+    stream = torch.cuda.Stream()
+    wrong = 0
+    with torch.cuda.stream(stream):
+        for round_ in range(10):
+            tensors = [torch.full(shape, 1 + k, dtype=torch.uint8, device=CUDA) for k in range(n)]
+            torch.cuda.synchronize()
+            torch.cuda._sleep(50_000_000)  # tens of milliseconds of queued GPU work
+            sums = [t.sum(dtype=torch.int64) for t in tensors]  # queued behind the sleep
+            del tensors  # freed in stream order: the allocator may hand these blocks out at once
+            images = _torchvision_decode([data] * n, CUDA)
+            stream.synchronize()
+            wrong += sum(int(s) != (1 + k) * probe.numel() for k, s in enumerate(sums))
+            assert all(torch.equal(image, probe) for image in images)
+    assert wrong == 0, f"{wrong} reductions read pixels the decoder wrote into their freed blocks"
+
+
 def test_dali_mixed_pipeline_gives_the_cpu_images(shards):
     pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
     cpu = by_key(build_loader("dali", shards, "val", BATCH, "cpu", with_keys=True))
@@ -159,8 +185,9 @@ def test_fp16_with_the_grad_scaler_takes_two_steps_without_host_sync():
     step(faces(seed=0))
     before = [p.detach().clone() for p in model.parameters()]
     counted = step.optimizer.state[next(model.parameters())]["step"].item()
+    batches = [faces(seed=i) for i in (1, 2)]  # made here: their copy to the GPU is a blocking one
     with no_host_sync():
-        losses = [torch.stack(step(faces(seed=i))) for i in (1, 2)]
+        losses = [torch.stack(step(x)) for x in batches]
     assert all(torch.isfinite(loss).all() for loss in losses)
     taken = step.optimizer.state[next(model.parameters())]["step"].item()
     skipped = 3 - taken
