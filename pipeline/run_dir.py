@@ -177,7 +177,8 @@ class RunDir:
                 path.unlink()
         if self.tb["created"] and tb.is_dir() and not tb.is_symlink() and not any(tb.iterdir()):
             tb.rmdir()
-        self.files, self.tb = set(), {"created": False, "events": []}
+        # tb/ stays this project's folder while it holds files put there by others
+        self.files, self.tb = set(), {"created": self.tb["created"] and tb.is_dir(), "events": []}
         self.write()
 
 
