@@ -641,12 +641,21 @@ def main(args):
                   file=sys.stderr)
         if writer is not None:
             writer.close()
+        if folder is not None:
+            folder.close()
         return 130
     except Diverged as exn:
         lower = ("--lr", f"{args.lr / 10:g}")
         kept = last_good()
+        if folder is not None:
+            folder.close()
         raise TrainingError(f"{exn}. {next_step(args, kept, True, ('--resume-force', *lower) if kept else lower)} "
                             f"(a tenth of the learning rate; or --amp off where mixed precision is on)") from None
+    except BaseException:  # the folder is free for the command that the error message prints
+        if folder is not None:
+            checkpoints.wait()
+            folder.close()
+        raise
     finally:
         if checkpoints is not None:
             checkpoints.wait()  # Ctrl-C, an error or the end: the checkpoint being written is finished first
@@ -658,6 +667,7 @@ def main(args):
             lines = save_interpolations(raw_model, preview, train_step, out_dir / "interpolations.png")
             save_weights(out_dir / WEIGHTS, raw_model)
         except OSError as exn:
+            folder.close()
             raise write_failure(exn, args, last_good()) from None
         if writer is not None:
             writer.add_image("generated_samples", samples, args.epochs)
@@ -666,6 +676,7 @@ def main(args):
             writer.close()
         written = [WEIGHTS, "generated_samples.png"] + (["interpolations.png"] if lines is not None else [])
         print(f"wrote {', '.join(str(out_dir / name) for name in written)}")
+        folder.close()
     if ddp:
         dist.destroy_process_group()
     return 0

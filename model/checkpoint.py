@@ -295,7 +295,10 @@ class CheckpointWriter:
         """Raises what made the last finished write fail, once."""
         if self.failure is not None and (self.thread is None or not self.thread.is_alive()):
             failure, self.failure = self.failure, None
-            raise failure
+            try:
+                raise failure
+            finally:
+                del failure  # no cycle through this frame
 
 
 def settings_of(args: dict, world_size: int) -> dict:

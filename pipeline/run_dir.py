@@ -9,7 +9,7 @@ whose output names are taken by files no marker lists is refused, with or withou
 
 The marker is read as untrusted data: every name in it must be a plain file name that train.py
 writes (no separator, no `..`), or the folder is refused. The lock is `fcntl.flock` on the folder
-itself, held for the whole run: no lock file to plant, link or leave behind, and the kernel drops it
+itself, held until the run ends: no lock file to plant, link or leave behind, and the kernel drops it
 when the process ends, however it ends. Imports nothing heavy.
 """
 
@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import time
+import weakref
 from pathlib import Path
 
 from pipeline.files import TMP_SUFFIX, atomic_write
@@ -139,6 +140,11 @@ class RunDir:
             if exn.errno not in (errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
         self.files, self.tb, self.data = set(), {"created": False, "events": []}, {}
+        self._release = weakref.finalize(self, os.close, self.fd)  # also when main() ends by an exception
+
+    def close(self) -> None:
+        """Releases the lock (a process that ends releases it too)."""
+        self._release()
 
     def start(self, settings: dict, previous: dict | None) -> None:
         """Writes this run's marker, keeping the files that `previous` (the marker found) lists."""
