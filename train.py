@@ -94,7 +94,8 @@ def parse_args(argv=None):
                               help="continue from a checkpoint (given without a path: OUTPUT_DIR/checkpoint.pt, "
                                    "or checkpoint.prev.pt when that one is damaged)")
     previous_run.add_argument("--overwrite", action="store_true",
-                              help="start over in an --output-dir that holds a previous run, deleting its outputs")
+                              help="start over in an --output-dir that holds a previous run, deleting the files its "
+                                   "run.json lists (never files train.py did not write)")
     p.add_argument("--resume-force", action="store_true",
                    help="--resume even when settings that change the result (" +
                         ", ".join(flag for key, flag in SETTINGS.items() if key != "z_dim") +
