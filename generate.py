@@ -21,6 +21,7 @@ from torchvision.utils import save_image
 
 from model import VariationalAutoEncoder
 from model import figures
+from model.checkpoint import CheckpointError, load_weights
 from pipeline.geometry import CROPS
 from pipeline.torch_loader import decode_resized
 
@@ -83,10 +84,9 @@ def load_model(path: Path, z_dim: int | None, device) -> VariationalAutoEncoder:
         raise GenerateError(f"no weights at {path}: train first (train.py writes OUTPUT_DIR/vae_celeba.pth) "
                             f"or pass --weights")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exn:  # any file at all can be handed in, and torch.load fails on each in its own way
-        raise GenerateError(f"{path} is not a weights file torch.load reads safely ({type(exn).__name__}); "
-                            f"train.py's vae_celeba.pth is, its checkpoint.pt is not") from exn
+        state = load_weights(path)  # digest checked, then weights_only: nothing in the file runs
+    except CheckpointError as exn:
+        raise GenerateError(str(exn)) from None
     if not isinstance(state, dict) or "hid_2mu.weight" not in state:
         raise GenerateError(f"{path} does not hold VariationalAutoEncoder weights (a state_dict like train.py's "
                             f"vae_celeba.pth)")

@@ -8,8 +8,10 @@ main(), the epoch loop. Writes into --output-dir: reconstructions_epoch{n}.png a
 (each epoch), generated_samples.png and interpolations.png (after training), vae_celeba.pth (a plain
 CPU state_dict that `VariationalAutoEncoder(z_dim=128).load_state_dict(torch.load(...))` takes),
 checkpoint.pt and checkpoint.prev.pt (resumable: the newest and the one before, rotated after each
-epoch), metrics.jsonl (one line per epoch) and, with --tensorboard, TensorBoard event files in tb/.
-It refuses to start in a folder that holds another run unless told to --resume it or to --overwrite it.
+epoch, or every --checkpoint-every epochs), metrics.jsonl (one line per epoch), run.json (the settings
+and the files the run wrote) and, with --tensorboard, TensorBoard event files in tb/. It refuses to
+start in a folder that holds another run unless told to --resume it or to --overwrite it, and in a
+folder where files it did not write hold its output names.
 """
 
 import argparse
@@ -17,8 +19,8 @@ import json
 import math
 import os
 import random
-import shutil
 import re
+import shlex
 import sys
 import time
 from datetime import timedelta
@@ -28,17 +30,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from model import BETA, VariationalAutoEncoder, VAELoss, vae_loss
 from model import figures, metrics
-from model.checkpoint import (CheckpointError, load_checkpoint, previous, restore_checkpoint, save_checkpoint,
-                              save_weights, setting_changes, settings_of)
+from model.checkpoint import (SETTINGS, CheckpointError, CheckpointWriter, checkpoint_state, load_checkpoint, previous,
+                              restore_checkpoint, rng_state, save_weights, setting_changes, settings_of)
 from model.step import TrainStep, make_optimizer, resolve_amp, resolve_compile
 from pipeline import CROPS, LOADERS, DataError, build_loader, cli, default_workers, split_size
+from pipeline import run_dir
 from pipeline.cache import CACHE_MODES, MEMORY_FRACTION, plan as plan_cache
 from pipeline.cache_file import DISK_RESERVE, FILE_MODES
+from pipeline.files import atomic_write
+from pipeline.run_dir import RunDir, RunDirError
 from pipeline.shards import split_shards
 
 LOG_EVERY = 25  # steps between host syncs: reading the loss forces the GPU to catch up
@@ -100,10 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
                               help="continue from a checkpoint (given without a path: OUTPUT_DIR/checkpoint.pt, "
                                    "or checkpoint.prev.pt when that one is damaged)")
     previous_run.add_argument("--overwrite", action="store_true",
-                              help="start over in an --output-dir that holds a previous run, deleting its outputs")
+                              help="start over in an --output-dir that holds a previous run, deleting the files its "
+                                   "run.json lists (never files train.py did not write)")
     p.add_argument("--resume-force", action="store_true",
-                   help="--resume even when settings that change the result (--batch-size, --lr, --beta, --crop, "
-                        "--flip, --seed, --loader, world size) differ from the checkpoint's")
+                   help="--resume even when settings that change the result (" +
+                        ", ".join(flag for key, flag in SETTINGS.items() if key != "z_dim") +
+                        "; --amp and --compile as resolved on this machine) differ from the checkpoint's; "
+                        "never for --z-dim, which sets the weights' shape")
+    p.add_argument("--checkpoint-every", type=cli.positive_int, default=1, metavar="N",
+                   help="write checkpoint.pt after every Nth epoch, and always after the last; a crash or Ctrl-C "
+                        "then loses up to N-1 epochs")
     p.add_argument("--seed", type=cli.seed, default=0, help="seed for weights, data order, flips and sampling")
     p.add_argument("--threads", type=cli.positive_int, default=None, help="CPU threads per process; None: torch's default "
                    "(OMP_NUM_THREADS, else every core), and under torchrun with several processes on a machine "
@@ -119,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the printed next-step commands start from
     if args.resume == "":
         args.resume = str(Path(args.output_dir) / CHECKPOINT)
     if args.resume_force and args.resume is None:
@@ -188,9 +199,10 @@ def all_reduce(stats: torch.Tensor) -> torch.Tensor:
 
 
 def resume_state(args, world_size: int, master: bool):
-    """(checkpoint state, its path) that --resume names, checked against this run's settings; None when
-    the run it belongs to is already complete, which changes nothing."""
-    state, source, note = load_checkpoint(Path(args.resume))
+    """The checkpoint that --resume names (a model.checkpoint.Loaded), checked against this run's
+    settings; None when the run it belongs to is already complete, which changes nothing."""
+    loaded = load_checkpoint(Path(args.resume))
+    state, source, note = loaded.state, loaded.source, loaded.note
     if note and master:
         print(note, file=sys.stderr)
     done = state["epoch"]
@@ -210,70 +222,159 @@ def resume_state(args, world_size: int, master: bool):
                                          "with these"]))
     if changes and master:
         print("\n".join(f"--resume-force: {line}" for line in changes.values()), file=sys.stderr)
-    return state, source
+    return loaded
+
+
+def saved_args(args) -> dict:
+    """The settings as plain values (what a checkpoint and run.json may hold), the command line aside."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k != "argv"}, default=str))
+
+
+def all_rng_states(device, world_size: int) -> list[dict]:
+    """Every rank's random state, in rank order, on every rank (a collective: all ranks call it)."""
+    mine = rng_state(device)
+    if world_size == 1:
+        return [mine]
+    states = [None] * world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def checkpoint_due(epoch: int, args) -> bool:
+    """Whether the epoch just finished (0-based `epoch`) is saved: every --checkpoint-every, and the last."""
+    return (epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs
 
 
 # ----------------------------------------------------------------------------- the output folder
 
-RUN_FILES = (CHECKPOINT, previous(Path(CHECKPOINT)).name, WEIGHTS, METRICS)  # the marks of a previous run
-OUTPUTS = (*RUN_FILES, *(f"{name}.tmp" for name in RUN_FILES), f"{CHECKPOINT}.damaged", "generated_samples.png",
-           "reconstructions_epoch*.png", "curves.png", "interpolations.png", "tb")
+DAMAGED = f"{CHECKPOINT}.damaged"
+RUN_OUTPUTS = (CHECKPOINT, previous(Path(CHECKPOINT)).name, METRICS, "curves.png", WEIGHTS, "generated_samples.png",
+               "interpolations.png")  # listed in run.json when a run starts; the pictures of each epoch as written
+EPOCH_PICTURE = re.compile(r"^reconstructions_epoch[1-9][0-9]*\.png$")
 
 
-def check_output_dir(args) -> None:
-    """Before anything is read or written: the folder can be written into, and holds no run that this
-    one would overwrite or mix with."""
+def is_output(name: str) -> bool:
+    """Whether train.py writes a file of this name into --output-dir (run.json and tb/ apart)."""
+    return name in RUN_OUTPUTS or name == DAMAGED or bool(EPOCH_PICTURE.match(name))
+
+
+def check_output_dir(args) -> dict | None:
+    """Before anything is read or written: the folder can be written into, no other train.py uses it,
+    no file that this project did not write holds one of its output names, and it holds no run that
+    this one would overwrite or mix with. Returns the marker of the run it holds (None when none)."""
     out_dir = Path(args.output_dir)
     problem = cli.unwritable(out_dir)
     if problem:
         raise TrainingError(f"--output-dir {out_dir}: {problem}; choose another folder")
-    found = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if not found or args.overwrite:
-        return
+    run_dir.check_not_locked(out_dir)
+    marker = run_dir.read_marker(out_dir, is_output)
+    foreign = run_dir.foreign_outputs(out_dir, marker, is_output, args.tensorboard)
+    if foreign:
+        raise TrainingError(f"{out_dir} holds {', '.join(foreign)}, which no {run_dir.MARKER} there lists as written "
+                            f"by train.py (another program's files, or an older train.py's): train.py neither "
+                            f"replaces nor deletes them, even with --overwrite; move them away, or choose another "
+                            f"--output-dir")
+    if marker is None or args.overwrite:
+        return marker
+    found = [name for name in sorted(marker["files"]) if (out_dir / name).exists()] or [run_dir.MARKER]
     if not args.resume:
         raise TrainingError(f"{out_dir} holds a previous run ({', '.join(found)}): add --resume to continue it, "
                             f"--overwrite to start over and delete it, or choose another --output-dir")
-    if Path(args.resume).resolve().parent != out_dir.resolve():
+    own = [name for name in (CHECKPOINT, previous(Path(CHECKPOINT)).name) if (out_dir / name).exists()]
+    if Path(args.resume).resolve().parent != out_dir.resolve() and own:
         raise TrainingError(f"{out_dir} holds another run ({', '.join(found)}) than the one --resume {args.resume} "
                             f"continues; choose another --output-dir")
+    return marker
 
 
-def prepare_output_dir(out_dir: Path, overwrite: bool, resumed_epoch: int, resumed_from: Path | None) -> None:
-    """Right before the first epoch, once every flag and path has been checked: creates the folder,
-    deletes a previous run's outputs (--overwrite), and on --resume drops the metrics of the epochs
-    that will be trained again and sets a damaged checkpoint aside."""
+def prepare_output_dir(args, marker: dict | None, resumed_epoch: int, damaged: Path | None) -> RunDir:
+    """Right before the first epoch, once every flag and path has been checked: creates and locks the
+    folder, marks it as this run's, deletes what the previous run's marker lists (--overwrite), and on
+    --resume drops the metrics of the epochs that will be trained again and sets aside the newest
+    checkpoint when loading found it damaged (only inside --output-dir)."""
+    out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for pattern in OUTPUTS:
-            for path in out_dir.glob(pattern):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()  # tb/ is a folder
-    if resumed_from is not None and resumed_from.name == previous(Path(CHECKPOINT)).name:
-        damaged = resumed_from.with_name(CHECKPOINT)
-        if damaged.exists():  # else the next save would keep it as the previous checkpoint
-            os.replace(damaged, damaged.with_name(f"{CHECKPOINT}.damaged"))
-    metrics_file = out_dir / METRICS
-    if resumed_from is not None and metrics_file.exists():
-        kept = []
-        for line in metrics_file.read_text().splitlines():
-            try:
-                if json.loads(line)["epoch"] <= resumed_epoch:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):  # a line cut short by a crash or a full disk
-                pass
-        tmp = metrics_file.with_name(metrics_file.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, metrics_file)
+    folder = RunDir(out_dir)
+    if run_dir.read_marker(out_dir, is_output) != marker:
+        raise TrainingError(f"{out_dir / run_dir.MARKER} changed while this run was starting (another train.py?); "
+                            f"run the same command again")
+    folder.start(saved_args(args), marker)
+    if args.overwrite:
+        folder.remove_outputs()
+    folder.claim(*RUN_OUTPUTS)
+    if damaged is not None and damaged.name == CHECKPOINT and damaged.parent.resolve() == out_dir.resolve():
+        folder.claim(DAMAGED)
+        os.replace(damaged, out_dir / DAMAGED)  # else the next save would keep it as the previous checkpoint
+    if args.resume and (out_dir / METRICS).is_file():
+        write_metrics(out_dir / METRICS, read_history(out_dir / METRICS, resumed_epoch))
+    return folder
 
 
-def write_failure(exn: OSError, out_dir: Path, last_good: tuple[Path, int] | None) -> TrainingError:
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    """metrics.jsonl rewritten whole, atomically: a crash or a full disk leaves the old file, never a
+    line cut short (a few kB per epoch; an append would need its readers to skip a torn last line)."""
+    atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
+
+
+def open_tensorboard(summary_writer, folder: RunDir):
+    """A SummaryWriter on OUTPUT_DIR/tb, its event file listed in run.json (and tb/ when it made it)."""
+    tb = folder.folder / run_dir.TB
+    made = not tb.exists()
+    folder.claim_tb(made, [])  # before the folder exists: a crash right after leaves it listed
+    before = set(os.listdir(tb)) if not made else set()
+    writer = summary_writer(str(tb))
+    folder.claim_tb(made, [name for name in os.listdir(tb) if name not in before and run_dir.TB_EVENTS.match(name)])
+    return writer
+
+
+def rerun(args, resume_from: Path | None = None, start_over: bool = False, extra: tuple = ()) -> str:
+    """The command to run next, quoted for a shell: this run's command line continuing from
+    `resume_from` (--resume), or starting again (with --overwrite when `start_over`), with `extra` flags
+    replacing those of the same names."""
+    drop = {"--overwrite": 0, "--resume-force": 0, "--resume": "?",
+            **{flag: 1 for flag in extra if flag.startswith("--") and flag != "--resume-force"}}
+    tokens, flags, i = list(args.argv), [], 0
+    while i < len(tokens):
+        name = tokens[i].split("=", 1)[0]
+        if name in drop and "=" not in tokens[i]:
+            takes = drop[name]
+            i += 1 + (1 if takes == 1 or (takes == "?" and i + 1 < len(tokens) and
+                                          not tokens[i + 1].startswith("-")) else 0)
+            continue
+        if name not in drop:
+            flags.append(tokens[i])
+        i += 1
+    if resume_from is not None:
+        inside = Path(resume_from).resolve().parent == Path(args.output_dir).resolve()
+        flags += ["--resume"] if inside else ["--resume", str(resume_from)]
+    elif start_over:
+        flags.append("--overwrite")
+    flags += [str(x) for x in extra]
+    if dist.is_initialized():
+        return f"the same torchrun launch of train.py {shlex.join(flags)}"
+    return shlex.join(["python", "train.py", *flags])
+
+
+def next_step(args, last_good: tuple[Path, int] | None, start_over: bool, extra: tuple = ()) -> str:
+    """What is kept and the exact command to go on with: the one message for every way a run stops."""
+    if last_good:
+        return f"{last_good[0]} holds epoch {last_good[1]}: continue with `{rerun(args, last_good[0], extra=extra)}`"
+    return f"no checkpoint was saved, so there is nothing to resume: start again with " \
+           f"`{rerun(args, start_over=start_over, extra=extra)}`"
+
+
+def write_failure(exn: OSError, args, last_good: tuple[Path, int] | None) -> TrainingError:
     """A failed write (full disk, permissions) as one line that says what survived and how to go on."""
-    what = f"cannot write {exn.filename or out_dir} ({exn.strerror or exn})"
+    what = f"cannot write {exn.filename or args.output_dir} ({exn.strerror or exn})"
     fix = "free some space (or fix the permissions)"
     if last_good:
         return TrainingError(f"{what}; the last good checkpoint, {last_good[0]} (epoch {last_good[1]}), is "
-                             f"untouched: {fix}, then run the same command with --resume")
-    again = "with --overwrite" if any((out_dir / name).exists() for name in RUN_FILES) else "again"
-    return TrainingError(f"{what}; no checkpoint was saved yet: {fix}, then run the same command {again}")
+                             f"untouched: {fix}, then run `{rerun(args, last_good[0])}`")
+    return TrainingError(f"{what}; no checkpoint was saved yet: {fix}, then run `{rerun(args, start_over=True)}`")
+
+
+class Diverged(TrainingError):
+    """The loss stopped being finite; main() adds what is kept and what to run."""
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -295,10 +396,8 @@ def train_one_epoch(train_step, loader, epoch: int, args, world_size: int, out_d
             if (step + 1) % LOG_EVERY == 0 or step + 1 == len(loader):
                 mean = (stats / (step + 1)).tolist()
                 if not all(map(math.isfinite, mean)):
-                    raise TrainingError(
-                        f"the loss became {mean[0]} in epoch {epoch + 1} near step {step + 1}; stopped without "
-                        f"saving. The last good checkpoint is {out_dir / CHECKPOINT}: try a lower --lr, "
-                        f"or --amp off if mixed precision is on, and --resume")
+                    raise Diverged(f"the loss became {mean[0]} in epoch {epoch + 1} near step {step + 1}; stopped "
+                                   f"without saving this epoch")
                 seconds = time.perf_counter() - started
                 bar.set_postfix(loss=f"{mean[0]:.4f}",
                                 img_s=f"{(step + 1) * args.batch_size * world_size / seconds:.0f}")
@@ -355,7 +454,7 @@ def save_reconstructions(model, preview, train_step, path: Path) -> torch.Tensor
     with train_step.autocast():
         grid = figures.reconstruction_grid(model, train_step.to_input(preview))
     model.train()
-    save_image(grid, path)
+    figures.save_png(grid, path)
     return grid
 
 
@@ -364,7 +463,7 @@ def save_samples(model, z_dim: int, seed: int, device, path: Path) -> torch.Tens
     """64 faces decoded from z ~ N(0, I), the same z for the same seed; returns the grid."""
     model.eval()
     grid = figures.sample_grid(model, 64, z_dim, device, generator=torch.Generator().manual_seed(seed))
-    save_image(grid, path)
+    figures.save_png(grid, path)
     return grid
 
 
@@ -379,7 +478,7 @@ def save_interpolations(model, preview, train_step, path: Path) -> torch.Tensor 
     x = train_step.to_input(preview[:2 * pairs])
     with train_step.autocast():
         grid = figures.interpolation_grid(model, x[0::2], x[1::2])
-    save_image(grid, path)
+    figures.save_png(grid, path)
     return grid
 
 
@@ -399,10 +498,12 @@ def read_history(path: Path, epochs: int) -> list[dict]:
     rows = {}
     if path.is_file():
         for line in path.read_text().splitlines():
-            if line.strip():
+            try:
                 row = json.loads(line)
-                if row.get("epoch", 0) <= epochs:
-                    rows[row["epoch"]] = row
+            except ValueError:  # a line cut short by an older train.py's append, or damage
+                continue
+            if isinstance(row, dict) and isinstance(row.get("epoch"), int) and 0 < row["epoch"] <= epochs:
+                rows[row["epoch"]] = row
     return [rows[e] for e in sorted(rows)]
 
 
@@ -435,8 +536,9 @@ def main(args):
     ddp, master = world_size > 1, rank == 0
     amp, amp_why = resolve_amp(args.amp, device)
     use_compile, compile_why = resolve_compile(args.compile, device, amp)
+    args.amp, args.compile = amp, use_compile  # saved and checked on --resume as resolved, not as "auto"
     out_dir = Path(args.output_dir)
-    check_output_dir(args)  # creates nothing: a run that stops on a bad flag or path leaves no trace
+    marker = check_output_dir(args)  # creates nothing: a run that stops on a bad flag or path leaves no trace
     summary_writer = tensorboard_writer() if args.tensorboard else None
     resumed = resume_state(args, world_size, master) if args.resume else None
     if args.resume and resumed is None:
@@ -478,11 +580,14 @@ def main(args):
     optimizer = make_optimizer(raw_model.parameters(), args.lr, device)
     train_step = TrainStep(model, optimizer, device, amp=amp, channels_last=args.channels_last,
                            compile=use_compile, beta=args.beta)
+    # The weights above are the same on every rank; the reparameterisation noise is each rank's own.
+    torch.manual_seed(args.seed + rank)
 
-    start_epoch, resumed_from = 0, None
+    start_epoch, resumed_from, damaged = 0, None, None
     if resumed:
-        state, resumed_from = resumed
-        start_epoch = restore_checkpoint(state, raw_model, optimizer, train_step.scaler, device, args.lr)
+        state, resumed_from, damaged = resumed.state, resumed.source, resumed.damaged
+        start_epoch = restore_checkpoint(state, raw_model, optimizer, train_step.scaler, device, args.lr, rank,
+                                         args.seed)
         del state, resumed  # the tensors are in the model and optimizer now
         if master:
             print(f"resumed from {resumed_from} after epoch {start_epoch}")
@@ -491,10 +596,16 @@ def main(args):
               f"{len(train_loader)} steps of {args.batch_size} x {world_size}")
 
     # ------------------------------------------------------------------------- the loop
-    if master:
-        prepare_output_dir(out_dir, args.overwrite, start_epoch, resumed_from)
-    last_good = (resumed_from, start_epoch) if resumed_from else None
-    writer = summary_writer(str(out_dir / "tb")) if summary_writer and master else None
+    folder = prepare_output_dir(args, marker, start_epoch, damaged) if master else None
+    checkpoints = CheckpointWriter(out_dir / CHECKPOINT) if master else None
+
+    def last_good():  # (checkpoint, epoch) of the newest whole checkpoint on disk, once writes have ended
+        if checkpoints is not None:
+            checkpoints.wait()
+            if checkpoints.saved is not None:
+                return out_dir / CHECKPOINT, checkpoints.saved
+        return (resumed_from, start_epoch) if resumed_from else None
+    writer = open_tensorboard(summary_writer, folder) if summary_writer and master else None
 
     def log_step(step, means):
         for k, v in means.items():
@@ -509,6 +620,7 @@ def main(args):
             train = train_one_epoch(train_step, train_loader, epoch, args, world_size, out_dir, show=master,
                                     log=log_step if writer is not None else None)
             val = evaluate(raw_model, val_loader, train_step, args.beta)
+            rng = all_rng_states(device, world_size) if checkpoint_due(epoch, args) else None
             if master:
                 record = {"epoch": epoch + 1,
                           **{f"train_{k}": train[k] for k in VAELoss._fields},
@@ -520,18 +632,19 @@ def main(args):
                           "wall_s": time.perf_counter() - started}
                 history.append(record)
                 # The checkpoint last: an epoch it holds has its pictures and its metrics line (a resume
-                # drops the lines of epochs past the checkpoint).
+                # drops the lines of epochs past the checkpoint). It is copied here and written by a thread.
                 try:
+                    checkpoints.raise_failure()  # the previous epoch's write, if it failed
+                    folder.claim(f"reconstructions_epoch{epoch + 1}.png")
                     grid = save_reconstructions(raw_model, preview, train_step,
                                                 out_dir / f"reconstructions_epoch{epoch + 1}.png")
-                    with open(out_dir / METRICS, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    write_metrics(out_dir / METRICS, history)
                     figures.save_curves(history, out_dir / "curves.png")
-                    save_checkpoint(out_dir / CHECKPOINT, raw_model, optimizer, train_step.scaler, epoch + 1, args,
-                                    device, world_size)
+                    if rng is not None:
+                        checkpoints.save(checkpoint_state(raw_model, optimizer, train_step.scaler, epoch + 1,
+                                                          saved_args(args), world_size, rng))
                 except OSError as exn:
-                    raise write_failure(exn, out_dir, last_good) from None
-                last_good = (out_dir / CHECKPOINT, epoch + 1)
+                    raise write_failure(exn, args, last_good()) from None
                 if writer is not None:
                     for k, v in record.items():
                         if k != "epoch":
@@ -542,20 +655,39 @@ def main(args):
                       f"{record['val_bits_per_dim']:.3f} bits/dim, PSNR {val['psnr']:.2f} dB, "
                       f"{val['active_dims']}/{args.z_dim} active dims | {record['images_per_s']:.0f} img/s")
     except KeyboardInterrupt:
-        if master:
-            print(f"\ninterrupted in epoch {epoch + 1}; {out_dir / CHECKPOINT} holds the last whole epoch. "
-                  f"Continue with the same command and --resume", file=sys.stderr)
+        if master:  # after the checkpoint being written, if any, is whole
+            print(f"\ninterrupted in epoch {epoch + 1}; {next_step(args, last_good(), start_over=True)}",
+                  file=sys.stderr)
         if writer is not None:
             writer.close()
+        if folder is not None:
+            folder.close()
         return 130
+    except Diverged as exn:
+        lower = ("--lr", f"{args.lr / 10:g}")
+        kept = last_good()
+        if folder is not None:
+            folder.close()
+        raise TrainingError(f"{exn}. {next_step(args, kept, True, ('--resume-force', *lower) if kept else lower)} "
+                            f"(a tenth of the learning rate; or --amp off where mixed precision is on)") from None
+    except BaseException:  # the folder is free for the command that the error message prints
+        if folder is not None:
+            checkpoints.wait()
+            folder.close()
+        raise
+    finally:
+        if checkpoints is not None:
+            checkpoints.wait()  # Ctrl-C, an error or the end: the checkpoint being written is finished first
 
     if master:
         try:  # the weights last: they mark a finished run
+            checkpoints.raise_failure()
             samples = save_samples(raw_model, args.z_dim, args.seed, device, out_dir / "generated_samples.png")
             lines = save_interpolations(raw_model, preview, train_step, out_dir / "interpolations.png")
             save_weights(out_dir / WEIGHTS, raw_model)
         except OSError as exn:
-            raise write_failure(exn, out_dir, last_good) from None
+            folder.close()
+            raise write_failure(exn, args, last_good()) from None
         if writer is not None:
             writer.add_image("generated_samples", samples, args.epochs)
             if lines is not None:
@@ -563,6 +695,7 @@ def main(args):
             writer.close()
         written = [WEIGHTS, "generated_samples.png"] + (["interpolations.png"] if lines is not None else [])
         print(f"wrote {', '.join(str(out_dir / name) for name in written)}")
+        folder.close()
     if ddp:
         dist.destroy_process_group()
     return 0
@@ -581,7 +714,7 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     try:
         return main(args)
-    except (DataError, TrainingError, CheckpointError) as exn:
+    except (DataError, TrainingError, CheckpointError, RunDirError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 1
     except RuntimeError as exn:
@@ -593,10 +726,16 @@ def run(argv=None) -> int:
               f"or stopped answering for --dist-timeout seconds", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside the epochs, which main() handles itself
-        saved = Path(args.output_dir) / CHECKPOINT
-        print(f"\ninterrupted; {saved} holds the last whole epoch: continue with the same command and --resume"
-              if saved.exists() else "\ninterrupted before an epoch was saved: run the same command again",
-              file=sys.stderr)
+        out_dir = Path(args.output_dir)
+        saved = out_dir / CHECKPOINT
+        last = (saved, "the last saved") if saved.exists() else (Path(args.resume), "its") if args.resume else None
+        start_over = (out_dir / run_dir.MARKER).exists()
+        if last:
+            print(f"\ninterrupted; {last[0]} holds {last[1]} epoch: continue with `{rerun(args, last[0])}`",
+                  file=sys.stderr)
+        else:
+            print(f"\ninterrupted before a checkpoint was saved, so there is nothing to resume: start again with "
+                  f"`{rerun(args, start_over=start_over)}`", file=sys.stderr)
         return 130
 
 

@@ -1,30 +1,56 @@
-"""Training checkpoints that a crash, Ctrl-C, a full disk or a damaged file cannot take away.
+"""Training checkpoints that a crash, Ctrl-C, a full disk, a damaged file or a hostile one cannot take away.
 
-save_checkpoint writes `checkpoint.pt.tmp`, syncs it, reads it back and compares it with what it
-meant to write, then rotates: the old `checkpoint.pt` becomes `checkpoint.prev.pt` and the new file
-takes its name, each step an atomic rename (the old file is linked as the previous one before the
-new one replaces it, so `checkpoint.pt` names a whole checkpoint at every moment). A failure at any
-point leaves the last good checkpoint as it was. Each checkpoint carries a SHA-256 digest of its contents, because torch.load does not notice
-flipped bytes inside tensor data: load_checkpoint checks it, and falls back to the previous
-checkpoint when the newest one is missing, unreadable or damaged.
+A checkpoint is what `torch.save` writes (a zip archive), with one addition: the zip comment at its
+very end holds `vae-celeba checkpoint sha256=<hex>`, the SHA-256 of every byte before it. Reading
+checks that digest on the raw bytes before anything is deserialised, then loads them with
+`torch.load(weights_only=True)`, which builds tensors and plain values only and runs nothing: a
+file that is cut short, has flipped bytes, or holds anything else is refused in one line. The file
+stays one that `torch.load(path)` opens (zip readers skip the comment):
 
-The file stays a plain dict that `torch.load(path, weights_only=False)` opens: model, optimizer,
-scaler, epoch, args, world_size, rng, digest.
+    {"format": 2, "model": state_dict, "optimizer": state_dict, "scaler": state_dict (empty unless fp16),
+     "epoch": finished epochs, "args": train.py's settings (plain values), "world_size": int,
+     "rng": [{"torch": uint8 tensor, "cuda": uint8 tensor or None} for each rank]}
+
+Nothing else in the project draws from python's `random` or numpy's global generator (the loaders
+seed their own), so their states are not kept. vae_celeba.pth is the same kind of file with the
+tag `vae-celeba weights`, holding the plain CPU state_dict and nothing else.
+
+write_checkpoint writes through pipeline.files.atomic_write (a unique temporary file, synced), reads
+the file back and compares it with the bytes it meant to write, then rotates: the old
+`checkpoint.pt` becomes `checkpoint.prev.pt` (linked first, so `checkpoint.pt` names a whole
+checkpoint at every moment) and the new file takes its name. A failure at any point leaves the last
+good checkpoint as it was. load_checkpoint falls back to the previous checkpoint when the newest one
+is missing, unreadable or damaged. CheckpointWriter does the copying to host memory on the caller's
+thread and all of the writing on a thread of its own.
 """
 
 import errno
 import hashlib
+import io
 import os
-import random
+import pickle
+import secrets
+import threading
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
 import torch
 
-# The settings that change what a run computes, with the flag that sets each. Resuming with other
-# values would mix two runs into one; --resume refuses, --resume-force carries on.
+from pipeline.files import TMP_SUFFIX, atomic_write
+
+FORMAT = 2
+CHECKPOINT_TAG, WEIGHTS_TAG = b"vae-celeba checkpoint sha256=", b"vae-celeba weights sha256="
+_EOCD = b"PK\x05\x06"  # a zip's end-of-central-directory record: 22 bytes, then the comment
+_HEX = 64
+
+# The settings that change what a run computes, with the flag that sets each: the one list that the
+# --resume check, train.py's --resume-force help and the README use. Resuming with other values would
+# mix two runs into one; --resume refuses, --resume-force carries on (never for z_dim). amp and compile
+# are the resolved values (what `auto` became on the machine that ran).
 SETTINGS = {"z_dim": "--z-dim", "batch_size": "--batch-size", "beta": "--beta", "lr": "--lr", "crop": "--crop",
-            "flip": "--flip", "seed": "--seed", "loader": "--loader", "world_size": "world size"}
+            "flip": "--flip", "seed": "--seed", "loader": "--loader", "amp": "--amp", "compile": "--compile",
+            "world_size": "world size"}
+BOOLEAN_SETTINGS = ("flip", "compile")  # shown as --flag / --no-flag
 
 
 class CheckpointError(RuntimeError):
@@ -35,92 +61,63 @@ class NotACheckpoint(CheckpointError):
     """A weights file given where a checkpoint belongs: an error of its own, never a reason to fall back."""
 
 
+class Loaded(NamedTuple):
+    state: dict
+    source: Path  # the file it came from
+    note: str | None  # when that is not the file asked for: why
+    damaged: Path | None  # the newest checkpoint, when it was there but unreadable or damaged
+
+
 def previous(path: Path) -> Path:
     """checkpoint.pt -> checkpoint.prev.pt, where the checkpoint before the newest one is kept."""
     path = Path(path)
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def digest(state) -> str:
-    """SHA-256 of everything in a checkpoint: the bytes of every tensor and array, the repr of the rest."""
-    h = hashlib.sha256()
-
-    def walk(x):
-        if isinstance(x, torch.Tensor):
-            h.update(f"tensor {x.dtype} {tuple(x.shape)}\n".encode())
-            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        elif isinstance(x, np.ndarray):
-            h.update(f"array {x.dtype} {x.shape}\n".encode())
-            h.update(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
-        elif isinstance(x, dict):
-            h.update(f"dict {len(x)}\n".encode())
-            for key, value in x.items():
-                walk(key)
-                walk(value)
-        elif isinstance(x, (list, tuple)):
-            h.update(f"{type(x).__name__} {len(x)}\n".encode())
-            for value in x:
-                walk(value)
-        else:
-            h.update(f"{type(x).__name__} {x!r}\n".encode())
-
-    walk(state)
-    return h.hexdigest()
+def serialize(obj, tag: bytes = CHECKPOINT_TAG) -> bytes:
+    """torch.save's bytes of `obj`, their SHA-256 appended as the zip comment after `tag`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getbuffer()
+    if bytes(data[-22:-18]) != _EOCD or bytes(data[-2:]) != b"\0\0":  # torch.save writes no comment
+        raise RuntimeError("torch.save wrote a zip archive this version does not know how to sign")
+    body = data[:-2]
+    comment = tag + hashlib.sha256(body).hexdigest().encode()
+    return b"".join([body, len(comment).to_bytes(2, "little"), comment])
 
 
-def save_checkpoint(path: Path, model, optimizer, scaler, epoch: int, args, device, world_size: int = 1) -> None:
-    """Writes a checkpoint at `path`, keeping the one it replaces as previous(path).
+def signed_as(data: bytes, path: Path) -> bytes | None:
+    """The tag that `data` ends with, once its digest is checked; None when it carries none.
+    CheckpointError when the digest does not match: the bytes were changed after they were written."""
+    for tag in (CHECKPOINT_TAG, WEIGHTS_TAG):
+        n = len(tag) + _HEX
+        if (len(data) >= n + 22 and data[-n:].startswith(tag) and data[-n - 2:-n] == n.to_bytes(2, "little")
+                and data[-n - 22:-n - 18] == _EOCD):
+            if hashlib.sha256(memoryview(data)[:-n - 2]).hexdigest().encode() != data[-_HEX:]:
+                raise CheckpointError(f"{path} is damaged (its bytes do not match the digest saved with them)")
+            return tag
+    return None
 
-    Raises OSError (ENOSPC, EACCES...) naming the file when it cannot be written or read back whole;
-    the checkpoints already on disk are then untouched."""
-    path = Path(path)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "epoch": epoch, "args": vars(args), "world_size": world_size,
-             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-    state["digest"] = digest(state)
-    tmp, prev = path.with_name(path.name + ".tmp"), previous(path)
-    prev_tmp = prev.with_name(prev.name + ".tmp")
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before it replaces anything
-        try:
-            written = torch.load(tmp, map_location="cpu", weights_only=False)
-            whole = digest({k: v for k, v in written.items() if k != "digest"}) == state["digest"]
-        except Exception as exn:  # a file that does not load is a write that failed
-            raise OSError(errno.EIO, f"it does not read back ({_cause(exn)})", str(tmp)) from None
-        if not whole:
-            raise OSError(errno.EIO, "it reads back other bytes than were written", str(tmp))
-        if path.exists():
-            # The current checkpoint becomes the previous one while keeping its name (a second link),
-            # so that `path` names a whole checkpoint at every moment, Ctrl-C or crash included.
-            try:
-                os.link(path, prev_tmp)
-                os.replace(prev_tmp, prev)
-            except OSError:  # a file system without hard links: a short moment with previous(path) only
-                os.replace(path, prev)
-        os.replace(tmp, path)
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
     except OSError as exn:
-        raise OSError(exn.errno, exn.strerror or str(exn), exn.filename or str(tmp)) from None
-    finally:
-        tmp.unlink(missing_ok=True)  # a half-written file helps nobody
-        prev_tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path} is unreadable ({exn.strerror or exn})") from None
 
 
-def save_weights(path: Path, model) -> None:
-    """The plain CPU state_dict that the seed README's snippet loads, replaced atomically: a file under
-    this name is always whole."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+def _unpickle(data: bytes, path: Path):
+    """torch.load with weights_only=True: tensors and plain values, or CheckpointError; nothing runs."""
     try:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-    except OSError as exn:
-        raise OSError(exn.errno, exn.strerror or str(exn), str(tmp)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values; refused without "
+                              f"loading them (unpickling such a file can run any code)") from None
+    except Exception as exn:  # torch.load raises many types for damaged files; all mean "unreadable"
+        raise CheckpointError(f"{path} is unreadable ({_cause(exn)})") from None
 
 
 def _cause(exn: Exception) -> str:
@@ -130,31 +127,29 @@ def _cause(exn: Exception) -> str:
 
 
 def _read(path: Path) -> dict:
-    """A checkpoint that is whole and was written by save_checkpoint, or CheckpointError saying why not."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist") from None
-    except Exception as exn:  # torch.load raises many types for damaged files; all mean "unreadable"
-        raise CheckpointError(f"{path} is unreadable ({_cause(exn)})") from None
-    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+    """A checkpoint that is whole and was written by write_checkpoint, or CheckpointError saying why not."""
+    data = _read_bytes(path)
+    tag = signed_as(data, path)
+    if tag == WEIGHTS_TAG:
         raise NotACheckpoint(f"{path} holds only model weights (a vae_celeba.pth), not a training checkpoint")
-    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "args", "rng"} <= state.keys():
-        raise CheckpointError(f"{path} is not a checkpoint written by train.py")
-    saved = state.pop("digest", None)
-    if saved is not None and saved != digest(state):
-        raise CheckpointError(f"{path} is damaged (its contents do not match the digest saved with it)")
+    if tag is None:
+        raise CheckpointError(f"{path} is unreadable (it does not end with the digest train.py writes: cut short, "
+                              f"or saved by another program or an older train.py); refused unopened")
+    state = _unpickle(data, path)
+    keys = {"format", "model", "optimizer", "scaler", "epoch", "args", "world_size", "rng"}
+    if not (isinstance(state, dict) and keys <= state.keys() and state["format"] == FORMAT
+            and isinstance(state["epoch"], int) and isinstance(state["args"], dict) and isinstance(state["rng"], list)):
+        raise CheckpointError(f"{path} is not a checkpoint written by this train.py")
     return state
 
 
-def load_checkpoint(path: Path) -> tuple[dict, Path, str | None]:
-    """(state, the file it came from, a note when that is not `path`): the newest whole checkpoint.
-
-    Falls back to previous(path) when `path` is missing, unreadable or damaged, and says so in the
-    note. A weights file given instead of a checkpoint is an error, not a reason to fall back."""
+def load_checkpoint(path: Path) -> Loaded:
+    """The newest whole checkpoint: `path`, or previous(path) when `path` is missing, unreadable or
+    damaged, said in the note. A weights file given instead of a checkpoint is an error, not a reason
+    to fall back."""
     path, prev = Path(path), previous(Path(path))
     try:
-        return _read(path), path, None
+        return Loaded(_read(path), path, None, None)
     except NotACheckpoint as exn:
         raise NotACheckpoint(f"--resume: {exn}: weights alone cannot continue training (they hold no "
                              f"optimizer state); pass the run's checkpoint.pt, or leave --resume out to "
@@ -170,7 +165,140 @@ def load_checkpoint(path: Path) -> tuple[dict, Path, str | None]:
             state = _read(prev)
         except CheckpointError as older:
             raise CheckpointError(f"--resume: {newest}, and {older}; start again with --overwrite") from None
-        return state, prev, f"{newest}; continuing from {prev}, saved after epoch {state['epoch']}"
+        damaged = path if os.path.lexists(path) else None
+        return Loaded(state, prev, f"{newest}; continuing from {prev}, saved after epoch {state['epoch']}", damaged)
+
+
+def load_weights(path: Path) -> dict:
+    """A model state_dict from `path`, read safely: train.py's vae_celeba.pth (its digest checked
+    first) or any state_dict saved with torch.save. CheckpointError in one line when the file is
+    damaged, is a training checkpoint, or holds anything but tensors and plain values; nothing in it runs."""
+    path = Path(path)
+    data = _read_bytes(path)
+    if signed_as(data, path) == CHECKPOINT_TAG:
+        raise CheckpointError(f"{path} is a training checkpoint, not weights: pass the vae_celeba.pth that "
+                              f"train.py writes beside it when training ends")
+    state = _unpickle(data, path)
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise CheckpointError(f"{path} does not hold model weights (a state_dict like train.py's vae_celeba.pth)")
+    return state
+
+
+def write_checkpoint(path: Path, state: dict) -> None:
+    """Writes `state` (tensors on the CPU) as a checkpoint at `path`, keeping the one it replaces as
+    previous(path). Raises OSError (ENOSPC, EACCES, EIO...) naming the file when it cannot be written
+    or read back whole; the checkpoints already on disk are then untouched."""
+    path = Path(path)
+    data = serialize(state, CHECKPOINT_TAG)
+    expected = hashlib.sha256(data).digest()
+    prev = previous(path)
+
+    def verify_and_rotate(tmp: Path) -> None:
+        with open(tmp, "rb") as f:
+            if hashlib.sha256(f.read()).digest() != expected:
+                raise OSError(errno.EIO, "it reads back other bytes than were written", str(tmp))
+        if os.path.lexists(path):
+            # The current checkpoint becomes the previous one while keeping its name (a second link),
+            # so that `path` names a whole checkpoint at every moment, Ctrl-C or crash included.
+            link = prev.with_name(f".{prev.name}.{secrets.token_hex(8)}{TMP_SUFFIX}")
+            try:
+                os.link(path, link, follow_symlinks=False)
+                os.replace(link, prev)
+            except OSError:  # a file system without hard links: a short moment with previous(path) only
+                link.unlink(missing_ok=True)
+                os.replace(path, prev)
+
+    atomic_write(path, data, before_replace=verify_and_rotate)
+
+
+def save_weights(path: Path, model) -> None:
+    """The plain CPU state_dict that the seed README's snippet loads, written atomically and durably."""
+    atomic_write(path, serialize({k: v.detach().cpu() for k, v in model.state_dict().items()}, WEIGHTS_TAG))
+
+
+def rng_state(device) -> dict:
+    """This process's random state: what the reparameterisation noise and the loaders' seeds draw from."""
+    device = torch.device(device)
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def checkpoint_state(model, optimizer, scaler, epoch: int, args: dict, world_size: int, rng: list[dict]) -> dict:
+    """What a checkpoint holds, with references to the live tensors (CheckpointWriter.save copies them)."""
+    return {"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "args": args, "world_size": world_size, "rng": rng}
+
+
+def _host_copy(obj, buffers: dict, key: tuple = ()):
+    """`obj` with every tensor copied to host memory: on CUDA into pinned buffers kept in `buffers`
+    across calls (copies that do not wait for the GPU); on the CPU plain clones, since training goes
+    on changing the originals in place."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cpu":
+            return obj.detach().clone()
+        buffer = buffers.get(key)
+        if buffer is None or buffer.shape != obj.shape or buffer.dtype != obj.dtype:
+            buffer = buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+        return buffer.copy_(obj.detach(), non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v, buffers, (*key, k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v, buffers, (*key, i)) for i, v in enumerate(obj))
+    return obj
+
+
+class CheckpointWriter:
+    """Checkpoints written, synced, read back and rotated on a thread of their own, with
+    write_checkpoint's guarantees; one at a time.
+
+        writer = CheckpointWriter(out_dir / "checkpoint.pt")
+        writer.save(checkpoint_state(...))  # copies to host memory, returns while the thread writes
+        writer.raise_failure()              # at each epoch boundary: an OSError from the last write
+        writer.wait()                       # before exit, Ctrl-C included
+
+    `saved` is the epoch of the newest checkpoint verified on disk by this writer (None before)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.buffers: dict = {}
+        self.thread: threading.Thread | None = None
+        self.failure: BaseException | None = None
+        self.saved: int | None = None
+
+    def save(self, state: dict) -> None:
+        self.wait()  # the buffers are free again, and checkpoints land in order
+        self.raise_failure()
+        host = _host_copy(state, self.buffers)
+        ready = None
+        if self.buffers:  # copies from the GPU in flight: the thread waits for them, training does not
+            ready = torch.cuda.Event()
+            ready.record()
+        self.thread = threading.Thread(target=self._write, args=(host, ready), name="checkpoint writer")
+        self.thread.start()
+
+    def _write(self, host: dict, ready) -> None:
+        try:
+            if ready is not None:
+                ready.synchronize()
+            write_checkpoint(self.path, host)
+            self.saved = host["epoch"]
+        except BaseException as exn:  # handed to the training thread, which stops with it
+            self.failure = exn
+
+    def wait(self) -> None:
+        """Returns once no write is in flight."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def raise_failure(self) -> None:
+        """Raises what made the last finished write fail, once."""
+        if self.failure is not None and (self.thread is None or not self.thread.is_alive()):
+            failure, self.failure = self.failure, None
+            try:
+                raise failure
+            finally:
+                del failure  # no cycle through this frame
 
 
 def settings_of(args: dict, world_size: int) -> dict:
@@ -178,8 +306,8 @@ def settings_of(args: dict, world_size: int) -> dict:
 
 
 def _show(key: str, value) -> str:
-    if key == "flip":
-        return "--flip" if value else "--no-flip"
+    if key in BOOLEAN_SETTINGS:
+        return SETTINGS[key] if value else f"--no-{SETTINGS[key][2:]}"
     return f"{SETTINGS[key]} {value}"
 
 
@@ -190,19 +318,24 @@ def setting_changes(state: dict, wanted: dict) -> dict[str, str]:
             for k in SETTINGS if saved[k] != wanted[k]}
 
 
-def restore_checkpoint(state: dict, model, optimizer, scaler, device, lr: float) -> int:
-    """Puts back everything save_checkpoint wrote; returns the number of finished epochs.
+def restore_checkpoint(state: dict, model, optimizer, scaler, device, lr: float, rank: int = 0,
+                       seed: int = 0) -> int:
+    """Puts back everything write_checkpoint wrote; returns the number of finished epochs.
 
-    `lr` wins over the learning rate stored with the optimizer, so that --resume-force --lr takes."""
+    `lr` wins over the learning rate stored with the optimizer, so that --resume-force --lr takes. Each
+    rank takes its own random state; a rank the checkpoint has none for (--resume-force on more
+    processes) starts its noise stream at seed + rank, as a new run does."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     for group in optimizer.param_groups:
         group["lr"] = lr
     if scaler.is_enabled() and state["scaler"]:  # empty when saved with a disabled (non-fp16) scaler
         scaler.load_state_dict(state["scaler"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if device.type == "cuda" and state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    if rank < len(state["rng"]):
+        rng = state["rng"][rank]
+        torch.set_rng_state(rng["torch"])
+        if torch.device(device).type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    else:
+        torch.manual_seed(seed + rank)
     return state["epoch"]

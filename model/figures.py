@@ -10,9 +10,10 @@ import math
 
 import torch
 from matplotlib.figure import Figure
-from torchvision.utils import make_grid
+from torchvision.utils import make_grid, save_image
 
 from model.metrics import ACTIVE_KL_NATS
+from pipeline.files import atomic_write
 
 INTERPOLATION_STEPS = 8  # decodings per line in z, both ends included
 CURVES_INCHES, CURVES_DPI = (10, 7), 100  # curves.png is 1000 x 700 px
@@ -91,4 +92,9 @@ def save_curves(rows: list[dict], path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.savefig(path, dpi=CURVES_DPI)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=CURVES_DPI))
+
+
+def save_png(grid: torch.Tensor, path) -> None:
+    """A grid as a PNG, written atomically: a picture under its name is always whole."""
+    atomic_write(path, lambda f: save_image(grid, f, format="png"))

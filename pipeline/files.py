@@ -39,9 +39,14 @@ def temporary_beside(path) -> tuple[int, Path]:
     return fd, Path(tmp)
 
 
-def atomic_write(path, data: bytes | Callable[[BinaryIO], None], *, mode: int = 0o644) -> Path:
+def atomic_write(path, data: bytes | Callable[[BinaryIO], None], *, mode: int = 0o644,
+                 before_replace: Callable[[Path], None] | None = None) -> Path:
     """Writes `data` (bytes, or a function that writes into the open binary file) to `path` atomically
-    and durably; returns `path`. Raises OSError naming `path` when it cannot; `path` is then untouched."""
+    and durably; returns `path`. Raises OSError naming `path` when it cannot; `path` is then untouched.
+
+    `before_replace(tmp)` runs once the temporary file is synced and before it takes `path`'s name:
+    checkpoints read themselves back there and keep the file they replace as the previous one. An
+    exception it raises is a write that failed."""
     path = Path(path)
     fd, tmp = temporary_beside(path)
     try:
@@ -53,6 +58,8 @@ def atomic_write(path, data: bytes | Callable[[BinaryIO], None], *, mode: int = 
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)  # mkstemp makes 0600 files; outputs are as readable as any other file
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     except BaseException as exn:
         tmp.unlink(missing_ok=True)

@@ -263,3 +263,27 @@ def test_ddp_over_nccl_with_compile(tmp_path):
     finally:
         dist.destroy_process_group()
         torch._dynamo.reset()
+
+
+def test_the_background_checkpoint_copies_through_pinned_memory_what_the_gpu_holds(tmp_path):
+    """CheckpointWriter on CUDA: pinned buffers, copies that the host does not wait for, and a written
+    checkpoint whose every tensor equals the device's at the moment of save, though training went on."""
+    from model.checkpoint import CheckpointWriter, checkpoint_state, rng_state
+
+    torch.manual_seed(0)
+    model = VariationalAutoEncoder(z_dim=16).to(CUDA)
+    optimizer = make_optimizer(model.parameters(), 3e-4, CUDA)
+    step = TrainStep(model, optimizer, CUDA, amp="bf16")
+    images = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8, device=CUDA)
+    step(images)
+    expected = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    writer = CheckpointWriter(tmp_path / "checkpoint.pt")
+    writer.save(checkpoint_state(model, optimizer, step.scaler, 1, {}, 1, [rng_state(CUDA)]))
+    assert all(b.is_pinned() for b in writer.buffers.values())
+    for _ in range(3):
+        step(images)  # changes the weights in place while the writer works
+    writer.wait()
+    writer.raise_failure()
+    saved = torch.load(tmp_path / "checkpoint.pt")
+    assert all(torch.equal(saved["model"][k], expected[k]) for k in expected)
+    assert saved["rng"][0]["cuda"] is not None

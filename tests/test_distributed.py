@@ -238,13 +238,21 @@ def test_rank_zero_alone_writes_the_outputs(two_ranks):
     case, out, probe, log = two_ranks
     assert sorted(p.name for p in out.iterdir()) == [
         "checkpoint.prev.pt", "checkpoint.pt", "curves.png", "generated_samples.png", "interpolations.png",
-        "metrics.jsonl", "reconstructions_epoch1.png", "reconstructions_epoch2.png", "vae_celeba.pth"]
+        "metrics.jsonl", "reconstructions_epoch1.png", "reconstructions_epoch2.png", "run.json", "vae_celeba.pth"]
     assert [row["epoch"] for row in metrics(out)] == [1, 2]  # one line per epoch, not one per rank
     assert log.count("wrote ") == 1 and log.count("epoch 2: train loss") == 1
     first = next(line for line in log.splitlines() if line.startswith("device "))
     assert "| 2 processes (gloo), CPU threads 1 per process" in first
     loader = next(line for line in log.splitlines() if " loader: " in line)
     assert loader.startswith(f"{CASES[case][1]} loader: ")
+
+
+def test_each_rank_draws_its_own_noise_and_the_checkpoint_keeps_every_ranks_state(two_ranks):
+    _, out, probe, log = two_ranks
+    assert not torch.equal(rank_state(probe, 0, 1)["rng"], rank_state(probe, 1, 1)["rng"])
+    state = torch.load(probe / "checkpoint-epoch1.pt")  # weights_only: tensors and plain values
+    assert [sorted(rng) for rng in state["rng"]] == [["cuda", "torch"]] * 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
 
 
 def evaluation(case: str, shards: Path, out: Path):

@@ -1,5 +1,6 @@
-"""train.py under faults, each provoked for real: damaged checkpoints, a full disk, an unwritable or
-occupied output folder, changed settings, a damaged shard.
+"""train.py under faults, each provoked for real: damaged or hostile checkpoints, a full disk, a
+checkpoint write killed midway, an unwritable, occupied or foreign output folder, a second run in the
+same folder, planted links, changed settings, a damaged shard.
 
 Each ends in one line that says what to do, exit code 1 and no traceback (train.run is what the
 command line runs), changes nothing it should not, and leaves the last good checkpoint able to
@@ -14,14 +15,19 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+import generate
 import train
 from conftest import make_shards
 from model import checkpoint
@@ -41,8 +47,12 @@ def tiny(faces_dir, tmp_path_factory) -> Path:
     return make_shards(data, data.parent / "shards", 16)
 
 
+def run_args(shards, out, *extra) -> list[str]:
+    return ["--data-path", str(shards), "--output-dir", str(out), *FAST, *extra]
+
+
 def train_run(shards, out, *extra) -> int:
-    return train.run(["--data-path", str(shards), "--output-dir", str(out), *FAST, *extra])
+    return train.run(run_args(shards, out, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +88,7 @@ def error_line(err: str) -> str:
 
 def snapshot(folder: Path) -> dict:
     """name -> SHA-256 of every file in the folder."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def same_weights(out: Path, reference: dict) -> bool:
@@ -102,11 +112,12 @@ def flip_bytes(path: Path, offset: int, n: int = 64) -> None:
 
 
 def test_each_epoch_keeps_the_previous_checkpoint(two_epochs):
-    newest = torch.load(two_epochs / "checkpoint.pt", weights_only=False)
-    older = torch.load(two_epochs / "checkpoint.prev.pt", weights_only=False)
+    newest = torch.load(two_epochs / "checkpoint.pt", weights_only=True)  # plain torch.load opens it
+    older = torch.load(two_epochs / "checkpoint.prev.pt", weights_only=True)
     assert (newest["epoch"], older["epoch"]) == (2, 1)
-    for state in (newest, older):
-        assert state.pop("digest") == checkpoint.digest(state)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):  # signed on its bytes, checked before unpickling
+        path = two_epochs / name
+        assert checkpoint.signed_as(path.read_bytes(), path) == checkpoint.CHECKPOINT_TAG
     assert not list(two_epochs.glob("*.tmp"))
 
 
@@ -119,8 +130,9 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(run_dir, damage):
         flip_bytes(newest, newest.stat().st_size // 2)
     else:
         newest.unlink()
-    state, source, note = checkpoint.load_checkpoint(newest)
+    state, source, note, damaged = checkpoint.load_checkpoint(newest)
     assert source == run_dir / "checkpoint.prev.pt" and state["epoch"] == 1
+    assert damaged == (None if damage == "deleted" else newest)
     expected = {"truncated": "is unreadable", "flipped": "is damaged", "deleted": "does not exist"}[damage]
     assert expected in note and f"continuing from {source}, saved after epoch 1" in note and "\n" not in note
 
@@ -135,7 +147,7 @@ def test_resuming_from_the_previous_checkpoint_gives_the_uninterrupted_weights(t
     assert same_weights(run_dir, reference)
     assert epochs_logged(run_dir) == [1, 2, 3]  # epoch 2's line was trained again, not doubled
     assert (run_dir / "checkpoint.pt.damaged").stat().st_size == 1000  # set aside, not kept as the previous one
-    assert torch.load(run_dir / "checkpoint.prev.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(run_dir / "checkpoint.prev.pt")["epoch"] == 2
 
 
 def test_no_readable_checkpoint_is_one_line_and_changes_nothing(run_dir):
@@ -178,7 +190,7 @@ def test_resuming_with_other_settings_stops_with_one_line_per_difference(tiny, r
 def test_resume_force_carries_on_with_the_new_settings(tiny, run_dir, capsys):
     assert train_run(tiny, run_dir, "--epochs", "3", "--resume", "--resume-force", "--lr", "1e-3") == 0
     assert "--resume-force: --lr 0.001 now, --lr 0.0003 in the checkpoint" in capsys.readouterr().err
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoint.pt")
     assert state["epoch"] == 3 and state["args"]["lr"] == 1e-3
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [1e-3]  # not the checkpoint's
 
@@ -205,12 +217,15 @@ def test_a_previous_run_is_kept_unless_resume_or_overwrite(tiny, run_dir, capsys
 
 @pytest.mark.flag_effect("train.py", "--overwrite")
 def test_overwrite_replaces_the_previous_run(tiny, run_dir):
-    (run_dir / "reconstructions_epoch7.png").write_bytes(b"from an older run")
+    assert (run_dir / "reconstructions_epoch2.png").exists() and (run_dir / "checkpoint.prev.pt").exists()
     assert train_run(tiny, run_dir, "--epochs", "1", "--overwrite") == 0
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "checkpoint.pt", "curves.png", "generated_samples.png", "interpolations.png", "metrics.jsonl",
-        "reconstructions_epoch1.png", "vae_celeba.pth"]
+        "reconstructions_epoch1.png", "run.json", "vae_celeba.pth"]
     assert epochs_logged(run_dir) == [1]
+    marker = json.loads((run_dir / "run.json").read_text())
+    assert marker["pid"] == os.getpid() and marker["settings"]["epochs"] == 1
+    assert {"checkpoint.pt", "reconstructions_epoch1.png", "vae_celeba.pth"} <= set(marker["files"])
 
 
 def make_unwritable(folder: Path):
@@ -287,7 +302,9 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tiny, run_dir, reference, mo
         assert train_run(tiny, run_dir, "--epochs", "3", "--resume") == 1
     line = error_line(capsys.readouterr().err)
     assert "No space left on device" in line
-    assert f"{run_dir / 'checkpoint.pt'} (epoch 2), is untouched" in line and "--resume" in line
+    assert f"{run_dir / 'checkpoint.pt'} (epoch 2), is untouched" in line
+    assert line.endswith(f"then run `{shlex.join(['python', 'train.py', *run_args(tiny, run_dir, '--epochs', '3')])}"
+                         f" --resume`")
     assert kept == {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest() for name in kept}
     assert not list(run_dir.glob("*.tmp"))
     assert train_run(tiny, run_dir, "--epochs", "3", "--resume") == 0
@@ -323,5 +340,265 @@ def test_ctrl_c_before_the_first_epoch_writes_nothing(tiny, tmp_path, monkeypatc
         raise KeyboardInterrupt
     monkeypatch.setattr(train, "build_loader", interrupted)
     assert train_run(tiny, tmp_path / "out", "--epochs", "1") == 130
-    assert capsys.readouterr().err.strip() == "interrupted before an epoch was saved: run the same command again"
+    command = shlex.join(["python", "train.py", *run_args(tiny, tmp_path / "out", "--epochs", "1")])
+    assert capsys.readouterr().err.strip() == ("interrupted before a checkpoint was saved, so there is nothing to "
+                                               f"resume: start again with `{command}`")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- files from elsewhere
+
+
+class CreatesAFile:
+    """Unpickled without weights_only, this object opens (so creates) a file: what a hostile checkpoint does."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["plain", "with-a-valid-digest"])
+def test_a_checkpoint_that_would_run_code_is_refused_unopened(tiny, tmp_path, capsys, signed):
+    created = tmp_path / "PWNED"
+    hostile = {"model": CreatesAFile(created), "optimizer": {}, "scaler": {}, "epoch": 1, "args": {}, "rng": []}
+    bad = tmp_path / "downloaded" / "checkpoint.pt"
+    bad.parent.mkdir()
+    if signed:  # the digest is only a checksum: anyone can compute it, so weights_only must refuse too
+        bad.write_bytes(checkpoint.serialize(hostile))
+    else:
+        torch.save(hostile, bad)
+    assert train_run(tiny, tmp_path / "out", "--epochs", "2", "--resume", str(bad)) == 1
+    line = error_line(capsys.readouterr().err)
+    assert str(bad) in line
+    assert ("holds objects other than tensors" if signed else "does not end with the digest") in line
+    weights = bad.with_name("vae_celeba.pth")
+    hostile_weights = {"hid_2mu.weight": CreatesAFile(created)}
+    if signed:
+        weights.write_bytes(checkpoint.serialize(hostile_weights, checkpoint.WEIGHTS_TAG))
+    else:
+        torch.save(hostile_weights, weights)
+    assert generate.run(["--weights", str(weights), "--out", str(tmp_path / "x.png")]) == 1
+    line = error_line(capsys.readouterr().err)
+    assert str(weights) in line and "holds objects other than tensors" in line
+    assert not created.exists() and not (tmp_path / "out").exists() and not (tmp_path / "x.png").exists()
+    # The provocation is real: unpickled the old way, the file appears.
+    torch.load(bad, weights_only=False)
+    assert created.exists()
+
+
+def foreign_folder(tmp_path: Path) -> Path:
+    """A folder of another project's: TensorBoard logs in tb/ and a checkpoint.pt of its own."""
+    folder = tmp_path / "theirs"
+    (folder / "tb").mkdir(parents=True)
+    (folder / "tb" / "events.out.tfevents.1700000000.host.1.0").write_bytes(b"their training logs")
+    (folder / "checkpoint.pt").write_bytes(b"their model")
+    return folder
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--overwrite", "--tensorboard"]])
+def test_overwrite_never_touches_files_this_project_did_not_write(tiny, tmp_path, capsys, flags):
+    folder = foreign_folder(tmp_path)
+    before = snapshot(folder), snapshot(folder / "tb")
+    assert train_run(tiny, folder, "--epochs", "1", *flags) == 1
+    line = error_line(capsys.readouterr().err)
+    assert f"{folder} holds checkpoint.pt" in line and "neither replaces nor deletes them, even with --overwrite" in line
+    assert ("tb/" in line) == ("--tensorboard" in flags)
+    assert (snapshot(folder), snapshot(folder / "tb")) == before
+
+
+def test_overwrite_deletes_only_its_own_tensorboard_files(tiny, tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed: pip install -e '.[tensorboard]'")
+    out = tmp_path / "run"
+    assert train_run(tiny, out, "--epochs", "1", "--tensorboard") == 0
+    (ours,) = json.loads((out / "run.json").read_text())["tb"]["events"]
+    theirs = out / "tb" / "events.out.tfevents.1700000000.elsewhere.7.0"
+    theirs.write_bytes(b"another writer's logs, put here later")
+    assert train_run(tiny, out, "--epochs", "1", "--tensorboard", "--overwrite") == 0
+    left = sorted(p.name for p in (out / "tb").iterdir())
+    assert theirs.name in left and ours not in left and len(left) == 2  # theirs, and the new run's
+    assert theirs.read_bytes() == b"another writer's logs, put here later"
+
+
+def test_falling_back_from_another_folders_checkpoint_leaves_that_folder_untouched(tiny, run_dir, tmp_path,
+                                                                                reference, capsys):
+    os.truncate(run_dir / "checkpoint.pt", 1000)  # damaged: --resume falls back to checkpoint.prev.pt
+    before = snapshot(run_dir)
+    assert train_run(tiny, tmp_path / "elsewhere", "--epochs", "3", "--resume", str(run_dir / "checkpoint.pt")) == 0
+    assert f"continuing from {run_dir / 'checkpoint.prev.pt'}" in capsys.readouterr().err
+    assert snapshot(run_dir) == before  # no .damaged rename outside --output-dir
+    assert same_weights(tmp_path / "elsewhere", reference)
+
+
+def test_a_second_run_in_the_same_folder_stops_naming_the_first(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "train.py", *run_args(tiny, out, "--epochs", "200")], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "run.json").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert first.poll() is None, first.stderr.read()
+        for flags in ([], ["--overwrite"], ["--resume"]):
+            assert train_run(tiny, out, "--epochs", "1", *flags) == 1
+            line = error_line(capsys.readouterr().err)
+            assert f"is in use by another train.py (process {first.pid})" in line, line
+        assert first.poll() is None  # still training, its folder as it left it
+    finally:
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 130 and "Traceback" not in err
+
+
+def test_a_link_planted_at_a_temporary_name_is_not_followed(tiny, tmp_path, monkeypatch):
+    target = tmp_path / "precious"
+    target.write_bytes(b"not to be overwritten")
+    out = tmp_path / "out"
+    out.mkdir()
+    names = [*train.RUN_OUTPUTS, "reconstructions_epoch1.png", "run.json"]
+    links = [out / f".{name}.planted.tmp" for name in names] + [out / f"{name}.tmp" for name in names]
+    for link in links:
+        link.symlink_to(target)
+    real = tempfile._get_candidate_names
+    # Every temporary name the run draws is first the planted one, as if an attacker had guessed it.
+    monkeypatch.setattr(tempfile, "_get_candidate_names", lambda: iter(["planted", *(next(real()) for _ in range(99))]))
+    assert train_run(tiny, out, "--epochs", "1") == 0
+    assert target.read_bytes() == b"not to be overwritten"
+    assert all(link.is_symlink() and link.resolve() == target for link in links)
+    assert torch.load(out / "checkpoint.pt")["epoch"] == 1 and json.loads((out / "run.json").read_text())["files"]
+
+
+def test_resuming_on_another_precision_or_compile_mode_is_refused(tiny, run_dir, monkeypatch, capsys):
+    saved = torch.load(run_dir / "checkpoint.pt")["args"]
+    assert saved["amp"] in ("bf16", "off") and saved["compile"] is False  # as resolved, not "auto"
+    other = "off" if saved["amp"] == "bf16" else "bf16"
+    before = snapshot(run_dir)
+    assert train_run(tiny, run_dir, "--epochs", "3", "--resume", "--amp", other, "--compile") == 1
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("  ")] == [
+        f"  --amp {other} now, --amp {saved['amp']} in the checkpoint", "  --compile now, --no-compile in the checkpoint"]
+    # --amp auto on a machine whose CPU resolves it otherwise: the same refusal.
+    monkeypatch.setattr("model.step.native_bf16_cpu", lambda: None if saved["amp"] == "bf16" else "avx512_bf16")
+    assert train_run(tiny, run_dir, "--epochs", "3", "--resume") == 1
+    assert f"  --amp {other} now, --amp {saved['amp']} in the checkpoint" in capsys.readouterr().err.splitlines()
+    assert snapshot(run_dir) == before
+
+
+def test_resume_force_help_lists_the_checked_settings(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for key, flag in checkpoint.SETTINGS.items():
+        if key != "z_dim":
+            assert flag in text.split("--resume-force", 2)[2].split("--checkpoint-every")[0], flag
+
+
+# ----------------------------------------------------------------------------- the background checkpoint writer
+
+STALLED_WRITE = """
+import pathlib, sys, time
+sys.path.insert(0, {root!r})
+import train
+from model import checkpoint
+
+real = checkpoint.atomic_write
+
+def stalled(path, data, **kwargs):
+    def half(f):  # half the checkpoint on disk, then the process is killed
+        f.write(data[:len(data) // 2])
+        f.flush()
+        pathlib.Path({ready!r}).touch()
+        time.sleep(600)
+    return real(path, half, **kwargs)
+
+checkpoint.atomic_write = stalled
+sys.exit(train.run({argv!r}))
+"""
+
+
+def test_a_checkpoint_write_killed_midway_keeps_the_previous_one(tiny, run_dir, reference, tmp_path):
+    kept = snapshot(run_dir)
+    ready = tmp_path / "ready"
+    script = STALLED_WRITE.format(root=str(ROOT), ready=str(ready),
+                                  argv=run_args(tiny, run_dir, "--epochs", "3", "--resume"))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not ready.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert ready.exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint write began"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert [p.name for p in run_dir.glob(".checkpoint.pt.*.tmp")], "the half-written file was not there"
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        assert snapshot(run_dir)[name] == kept[name]
+    assert torch.load(run_dir / "checkpoint.pt")["epoch"] == 2
+    assert train_run(tiny, run_dir, "--epochs", "3", "--resume") == 0
+    assert same_weights(run_dir, reference)
+    assert epochs_logged(run_dir) == [1, 2, 3]
+
+
+def test_ctrl_c_waits_for_the_checkpoint_writer(tiny, tmp_path, monkeypatch, capsys):
+    real_write, real_epoch = checkpoint.write_checkpoint, train.train_one_epoch
+
+    def slow_write(path, state):
+        time.sleep(3)  # still writing when Ctrl-C comes
+        real_write(path, state)
+
+    def train_one_epoch(train_step, loader, epoch, *args, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(train_step, loader, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", slow_write)
+    monkeypatch.setattr(train, "train_one_epoch", train_one_epoch)
+    out = tmp_path / "out"
+    assert train_run(tiny, out, "--epochs", "3") == 130
+    assert not [t for t in threading.enumerate() if t.name == "checkpoint writer"]
+    assert torch.load(out / "checkpoint.pt")["epoch"] == 1
+    command = shlex.join(["python", "train.py", *run_args(tiny, out, "--epochs", "3"), "--resume"])
+    assert capsys.readouterr().err.strip().endswith(
+        f"interrupted in epoch 2; {out / 'checkpoint.pt'} holds epoch 1: continue with `{command}`")
+
+
+def test_a_failed_background_write_stops_training_at_the_next_epoch(tiny, run_dir, reference, monkeypatch, capsys):
+    real_write = checkpoint.write_checkpoint
+    trained = []
+
+    def failing_write(path, state):
+        if state["epoch"] == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(path, state)
+
+    real_epoch = train.train_one_epoch
+    monkeypatch.setattr(train, "train_one_epoch", lambda step, loader, epoch, *a, **k: (
+        trained.append(epoch + 1), real_epoch(step, loader, epoch, *a, **k))[1])
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "write_checkpoint", failing_write)
+        assert train_run(tiny, run_dir, "--epochs", "5", "--resume") == 1
+    line = error_line(capsys.readouterr().err)
+    assert "No space left on device" in line and f"{run_dir / 'checkpoint.pt'} (epoch 2), is untouched" in line
+    assert trained == [3, 4]  # epoch 4 trained while the write failed; its end stopped the run
+    assert epochs_logged(run_dir) == [1, 2, 3] and not (run_dir / "reconstructions_epoch4.png").exists()
+    assert torch.load(run_dir / "checkpoint.pt")["epoch"] == 2
+    assert train_run(tiny, run_dir, "--epochs", "3", "--resume") == 0
+    assert same_weights(run_dir, reference)
+
+
+@pytest.mark.flag_effect("train.py", "--checkpoint-every")
+def test_checkpoint_every_saves_every_nth_epoch_and_the_last(tiny, tmp_path, monkeypatch):
+    real_write, saved = checkpoint.write_checkpoint, []
+
+    def write(path, state):
+        saved.append(state["epoch"])
+        real_write(path, state)
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", write)
+    assert train_run(tiny, tmp_path / "every", "--epochs", "3") == 0
+    assert saved == [1, 2, 3]
+    saved.clear()
+    assert train_run(tiny, tmp_path / "third", "--epochs", "5", "--checkpoint-every", "3") == 0
+    assert saved == [3, 5]
+    out = tmp_path / "third"
+    assert (torch.load(out / "checkpoint.pt")["epoch"], torch.load(out / "checkpoint.prev.pt")["epoch"]) == (5, 3)

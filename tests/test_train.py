@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,9 +162,24 @@ def test_cache_auto_streams_when_it_does_not_fit_and_says_so(shards, tmp_path, m
 
 
 def test_a_diverging_loss_stops_with_a_clear_message(shards, tmp_path):
-    with pytest.raises(train.TrainingError, match="loss became"):
+    with pytest.raises(train.TrainingError, match="loss became") as raised:
         run(shards, tmp_path, "--epochs", "1", "--lr", "1e30")
     assert not (tmp_path / "vae_celeba.pth").exists() and not (tmp_path / "checkpoint.pt").exists()
+    # In epoch 1 there is nothing to resume: the message says so and gives the command that starts again.
+    message = str(raised.value)
+    command = shlex.join(["python", "train.py", "--data-path", str(shards), "--output-dir", str(tmp_path), *FAST,
+                          "--epochs", "1", "--overwrite", "--lr", "1e+29"])
+    assert "no checkpoint was saved, so there is nothing to resume" in message and f"`{command}`" in message
+    assert "--resume" not in message
+
+
+def test_a_loss_diverging_after_a_checkpoint_says_how_to_resume(shards, trained, tmp_path):
+    out = shutil.copytree(trained, tmp_path / "run")
+    with pytest.raises(train.TrainingError, match="loss became") as raised:
+        run(shards, out, "--epochs", "4", "--cache", "off", "--resume", "--resume-force", "--lr", "1e30")
+    command = shlex.join(["python", "train.py", "--data-path", str(shards), "--output-dir", str(out), *FAST,
+                          "--epochs", "4", "--cache", "off", "--resume", "--resume-force", "--lr", "1e+29"])
+    assert f"{out / 'checkpoint.pt'} holds epoch 3: continue with `{command}`" in str(raised.value)
 
 
 def test_missing_shards_say_what_to_do(tmp_path):
@@ -183,8 +200,8 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_continues(shards, tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "--resume" in err
-    done = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"]
+    done = torch.load(tmp_path / "checkpoint.pt")["epoch"]
+    assert f"holds epoch {done}: continue with `python train.py " in err and err.rstrip().endswith(" --resume`")
     assert done >= 1
     assert run(shards, tmp_path, "--batch-size", "8", "--epochs", str(done + 1), "--resume") == 0
     assert metrics(tmp_path)[-1]["epoch"] == done + 1
@@ -201,7 +218,7 @@ def test_help_explains_every_flag():
     assert result.returncode == 0
     for flag in ("--data-path", "--loader", "--epochs", "--batch-size", "--lr", "--beta", "--z-dim", "--workers",
                  "--device", "--amp", "--channels-last", "--compile", "--crop", "--output-dir", "--resume", "--seed",
-                 "--cache", "--tensorboard"):
+                 "--cache", "--tensorboard", "--checkpoint-every"):
         assert flag in result.stdout
 
 

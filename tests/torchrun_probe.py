@@ -9,8 +9,8 @@ what they compute is unchanged:
   training loop gets the images alone, as before.
 - evaluate, which every rank calls after each epoch: the rank's weights and the state of its random
   generator (evaluation samples z) go to PROBE_DIR/rank{R}-epoch{E}.pt as {"model", "rng"}.
-- save_checkpoint (rank 0 only): each epoch's checkpoint is also copied to
-  PROBE_DIR/checkpoint-epoch{E}.pt, so that a later run can resume from any epoch.
+- model.checkpoint.write_checkpoint, which rank 0's checkpoint thread calls: each epoch's checkpoint
+  is also copied to PROBE_DIR/checkpoint-epoch{E}.pt, so that a later run can resume from any epoch.
 """
 
 import json
@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
+from model import checkpoint  # noqa: E402
 
 
 class KeyRecorder:
@@ -56,7 +57,7 @@ def rank() -> int:
 
 def install(probe: Path) -> None:
     probe.mkdir(parents=True, exist_ok=True)
-    real_build_loaders, real_evaluate, real_save_checkpoint = train.build_loaders, train.evaluate, train.save_checkpoint
+    real_build_loaders, real_evaluate, real_write = train.build_loaders, train.evaluate, checkpoint.write_checkpoint
     evaluations = []
 
     def build_loaders(args, device, rank, world_size, *more, **options):
@@ -72,11 +73,11 @@ def install(probe: Path) -> None:
         torch.save(state, probe / f"rank{rank()}-epoch{len(evaluations)}.pt")
         return result
 
-    def save_checkpoint(path, *args, **kwargs):
-        real_save_checkpoint(path, *args, **kwargs)
-        shutil.copy(path, probe / f"checkpoint-epoch{len(evaluations)}.pt")
+    def write_checkpoint(path, state):
+        real_write(path, state)
+        shutil.copy(path, probe / f"checkpoint-epoch{state['epoch']}.pt")
 
-    train.build_loaders, train.evaluate, train.save_checkpoint = build_loaders, evaluate, save_checkpoint
+    train.build_loaders, train.evaluate, checkpoint.write_checkpoint = build_loaders, evaluate, write_checkpoint
 
 
 if __name__ == "__main__":
