@@ -21,8 +21,9 @@ BATCH = 16
 
 @pytest.fixture
 def data(shards, tmp_path):
-    """A copy of the shards that a test may write beside (and damage)."""
-    return shutil.copytree(shards, tmp_path / "shards")
+    """A copy of the shards that a test may write beside (and damage), without the decoded files that
+    earlier tests' runs left beside the session's shards."""
+    return shutil.copytree(shards, tmp_path / "shards", ignore=shutil.ignore_patterns("decoded-*"))
 
 
 def filled(data, split="val", crop="center", mode="auto"):
