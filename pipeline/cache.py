@@ -22,6 +22,7 @@ every dtype, any strides), where (TensorCompare.cu, dispatched by element size),
 broadcasts uint8 as ncclUint8.
 """
 
+import copy
 import gc
 import math
 import os
@@ -119,6 +120,16 @@ def mirror(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     return torch.where(flips[:, None], words(mirrored), words(images)).view(torch.uint8).view(images.shape)
 
 
+def gather(images: torch.Tensor, rows: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
+    """The batch of `rows` (int64, on the device) of a cache's (N, 64, 64, 3) `images`, mirrored where the
+    bool `flips` is True: (B, 3, 64, 64) uint8 channels_last. The one gather of the loader and of the
+    static-buffer step (model/step.py), so both serve the same pixels by the same ops."""
+    batch = images.index_select(0, rows)
+    if flips is not None:
+        batch = mirror(batch, flips)
+    return batch.permute(0, 3, 1, 2)  # NHWC in memory is channels_last NCHW: a view
+
+
 class CachedLoader:
     """Yields (B, 3, 64, 64) uint8 channels_last batches from a Cache, on its device (with keys when asked)."""
 
@@ -140,6 +151,15 @@ class CachedLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def rebatched(self, batch_size: int) -> "CachedLoader":
+        """An evaluation loader over the same rows in batches of `batch_size` (the same images, the same
+        order; only where the batches end differs)."""
+        if self.train:
+            raise ValueError("rebatched() is for evaluation: a training loader's epoch depends on its batch size")
+        clone = copy.copy(self)
+        clone.batch_size = batch_size
+        return clone
+
     def plan(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's rows for the epoch, in order, and each one's flip (None without flips), on the CPU."""
         generator = torch.Generator().manual_seed(random.Random(f"{self.seed}-{self.epoch}").getrandbits(63))
@@ -157,10 +177,7 @@ class CachedLoader:
         flips = None if flips is None else flips.to(self.device)
         for lo in range(0, self.num_samples, self.batch_size):
             hi = lo + self.batch_size
-            images = self.images.index_select(0, rows[lo:hi])
-            if flips is not None:
-                images = mirror(images, flips[lo:hi])
-            images = images.permute(0, 3, 1, 2)  # NHWC in memory is channels_last NCHW: a view
+            images = gather(self.images, rows[lo:hi], None if flips is None else flips[lo:hi])
             yield (images, [self.cache.keys[i] for i in rows_cpu[lo:hi].tolist()]) if self.with_keys else images
 
 
