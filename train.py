@@ -403,7 +403,12 @@ def reconstructions(model, preview, train_step) -> torch.Tensor:
 class Drawer:
     """Draws pictures and curves on one background thread, so that the training thread only launches the
     reconstruction's forward pass. Jobs run in order; a job's error is raised on the training thread, as
-    one line, by the next `check()` (each epoch's end) or by `close()`, which waits for every job."""
+    one line, by the next `check()` (each epoch's end) or by `close()`, which waits for every job.
+
+    An epoch's pictures are drawn while the next epoch trains, so its checkpoint is saved before they are
+    written: a picture that fails to write is missing from a run that resumes after it (curves.png is
+    drawn again at the next epoch). The last epoch's pictures are awaited before its checkpoint, so a run
+    that fails there resumes into that epoch and draws them."""
 
     def __init__(self, out_dir: Path, last_good):
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="figures")
@@ -412,10 +417,12 @@ class Drawer:
     def submit(self, fn, *args) -> None:
         self.jobs.append(self.pool.submit(fn, *args))
 
-    def check(self, last_good=None) -> None:
-        """Raises the first error of the jobs done so far as a TrainingError; `last_good` is the
-        checkpoint the message points to."""
+    def check(self, last_good=None, wait: bool = False) -> None:
+        """Raises the first error of the jobs done so far (all of them, with `wait`) as a TrainingError;
+        `last_good` is the checkpoint the message points to."""
         self.last_good = last_good or self.last_good
+        if wait:
+            concurrent.futures.wait(self.jobs)
         done = [job for job in self.jobs if job.done()]
         self.jobs = [job for job in self.jobs if not job.done()]
         for job in done:
@@ -629,6 +636,8 @@ def main(args):
                     if draw:
                         drawer.submit(draw_epoch, grid, list(history), out_dir / f"reconstructions_epoch{epoch + 1}.png",
                                       out_dir / "curves.png", writer, epoch + 1)
+                    if epoch + 1 == args.epochs:
+                        drawer.check(last_good, wait=True)  # the last pictures before the run's last checkpoint
                     clock = time.perf_counter()
                     save_checkpoint(out_dir / CHECKPOINT, raw_model, optimizer, train_step.scaler, epoch + 1, args,
                                     device, world_size)

@@ -157,7 +157,8 @@ def test_a_failed_picture_stops_training_in_one_line_at_the_next_epoch(shards, t
     monkeypatch.setattr("model.figures.save_curves", broken)
     assert train.run(["--data-path", str(shards), "--output-dir", str(tmp_path), *FAST, "--epochs", "2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"error: cannot write {tmp_path / 'curves.png'} (No space left on device)")
+    assert err[-1].startswith(f"error: cannot write {tmp_path / 'curves.png'} (No space left on device); the last "
+                              f"good checkpoint, {tmp_path / 'checkpoint.pt'} (epoch 1), is untouched")
     assert len([line for line in err if line.startswith("error")]) == 1
     assert not (tmp_path / "vae_celeba.pth").exists()
 
