@@ -220,6 +220,7 @@ class StaticStep:
             self.flips.copy_(flips.view(self.flips.shape))
         self.position.zero_()
         self.sums.zero_()
+        self.taken = 0  # steps since, counted on the host: past the plan's last row the gather would fault
 
     def _step(self) -> None:
         rows = self.rows.index_select(0, self.position).view(-1)
@@ -229,6 +230,9 @@ class StaticStep:
         self.position += 1
 
     def __call__(self) -> None:
+        if self.taken == self.steps:
+            raise RuntimeError(f"the epoch's {self.steps} steps are taken: call set_epoch() for the next epoch")
+        self.taken += 1
         if self.graph is not None:
             self.graph.replay()
         else:
@@ -237,6 +241,7 @@ class StaticStep:
     # ------------------------------------------------------------------------- warm-up and capture
 
     def _warm_up(self, steps: int, stream) -> None:
+        steps = min(steps, self.steps)
         if stream is None:
             for _ in range(steps):
                 self._step()

@@ -82,6 +82,8 @@ def test_the_uncaptured_static_step_is_todays_step_bit_for_bit(cached_train, war
         sa, sb = step_a.optimizer.state[p], step_b.optimizer.state[q]
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert torch.equal(static.position, torch.tensor([12]))
+    with pytest.raises(RuntimeError, match=r"the epoch's 12 steps are taken: call set_epoch\(\)"):
+        static()  # a 13th step would gather past the plan's last row
     moved = not torch.equal(weights(model_a)[0], make("cpu")[0].encoder[0].weight)
     assert moved
 
