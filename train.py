@@ -5,10 +5,14 @@
 
 Reads top to bottom: config, checkpoints, one epoch of training, evaluation and pictures, then
 main(), the epoch loop. Writes into --output-dir: reconstructions_epoch{n}.png and curves.png
-(each epoch), generated_samples.png and interpolations.png (after training), vae_celeba.pth (a plain
+(every --figures-every epochs and after the last, drawn on a background thread), generated_samples.png and interpolations.png (after training), vae_celeba.pth (a plain
 CPU state_dict that `VariationalAutoEncoder(z_dim=128).load_state_dict(torch.load(...))` takes),
 checkpoint.pt and checkpoint.prev.pt (resumable: the newest and the one before, rotated after each
-epoch), metrics.jsonl (one line per epoch) and, with --tensorboard, TensorBoard event files in tb/.
+epoch), metrics.jsonl (one line per epoch; besides the metrics, the training thread's seconds in the
+steps, "seconds", in evaluation, "eval_s", and in pictures, "figures_s", and in the checkpoint written
+since the previous line, "checkpoint_s"; the first line of a run adds the cache's fill, "fill_s" and
+"fill_source" by split, and with a warm-up before the first epoch "compile_s") and, with --tensorboard,
+TensorBoard event files in tb/.
 It refuses to start in a folder that holds another run unless told to --resume it or to --overwrite it.
 """
 
