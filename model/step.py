@@ -163,9 +163,10 @@ class StaticStep:
 
     `capture`: warm up and capture a CUDA graph (CUDA only; a failed capture is reported in one line
     through `report` and the step runs uncaptured). `warmup`: eager steps first, by default
-    CAPTURE_WARMUP before a capture, else 1 when the step is compiled (its compile), else none; they are undone -- weights, Adam's and the GradScaler's state, the
-    random generators -- so training starts from where it stood. `compile_seconds` is how long the
-    warm-up and capture took (None without one); `graphed` whether replays run, `why` a line saying so.
+    CAPTURE_WARMUP before a capture, else 1 when the step is compiled (its compile), else none. They
+    are undone -- weights, Adam's and the GradScaler's state, the random generators -- so training
+    starts from where it stood. `compile_seconds` is how long the warm-up and capture took (None without
+    them); `graphed` says whether replays run, `why` says so in words. `steps` calls per `set_epoch`.
     """
 
     def __init__(self, train_step: TrainStep, loader, *, capture: bool, warmup: int | None = None,
@@ -197,6 +198,8 @@ class StaticStep:
                     self.why = "captured: each step is one CUDA graph replay"
                 except Exception as exn:  # noqa: BLE001 -- any failure to capture leaves the eager step
                     self.graph = None
+                    for group in train_step.optimizer.param_groups:
+                        group["capturable"] = train_step.optimizer.defaults["capturable"]
                     self._restore(saved)
                     first = (str(exn).strip().splitlines() or [""])[0]
                     self.why = f"capture failed ({type(exn).__name__}: {first}); the same step runs uncaptured"
