@@ -239,6 +239,38 @@ def test_the_graphed_step_matches_the_uncaptured_one_after_20_steps(cuda_cache, 
 
 
 @cuda
+def test_a_failed_capture_is_one_line_and_the_step_trains_uncaptured(cuda_cache):
+    """A host read inside the captured step (not capturable) makes the capture fail: one reported line,
+    the warm-up undone, and the epoch trains uncaptured to the weights of a step that never tried."""
+    flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+    start = flat(make("cuda")[0])
+    ref_model, ref_step = make("cuda")
+    torch.manual_seed(1)
+    ref = StaticStep(ref_step, cuda_cache, capture=False)
+    model, step = make("cuda")
+    real = step.forward_loss
+
+    def reads_the_loss(images):
+        out = real(images)
+        if torch.cuda.is_current_stream_capturing():
+            out.loss.item()
+        return out
+    step.forward_loss = reads_the_loss
+    said = []
+    torch.manual_seed(1)
+    static = StaticStep(step, cuda_cache, capture=True, report=said.append)
+    assert not static.graphed and len(said) == 1 and said[0].startswith("cuda graph: capture failed ("), said
+    assert all(not group["capturable"] for group in step.optimizer.param_groups)
+    for runner in (ref, static):
+        runner.set_epoch(0)
+        for _ in range(runner.steps):
+            runner()
+    moved = (flat(ref_model) - start).norm()
+    assert (flat(model) - flat(ref_model)).norm() <= 0.01 * moved
+    torch.testing.assert_close(static.sums, ref.sums, rtol=1e-3, atol=0)
+
+
+@cuda
 def test_train_py_graphs_and_compiles_once_over_epochs(shards, tmp_path, capsys):
     """train.py on CUDA with --cuda-graph on over three epochs: the capture succeeds, nothing compiles
     again after the first epoch (error_on_recompile), the first row has compile_s apart."""
