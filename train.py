@@ -372,13 +372,11 @@ def evaluation_sums(model, train_step, beta: float, compile: bool = False):
 def evaluate(model, loader, train_step, beta: float, sums=None) -> dict:
     """Means per image over the whole split, every rank's share included: the VAELoss fields (with a
     sampled z, as in training), MSE and PSNR of the reconstruction from the posterior mean (model.metrics),
-    and the KL of each latent dimension, summarised as the count of active dimensions. A cached split is
-    read in batches of EVAL_BATCH; nothing reads the device until the end. `sums`: evaluation_sums'
-    function, kept across epochs so that a compiled one compiles once."""
+    and the KL of each latent dimension, summarised as the count of active dimensions. Nothing reads the
+    device until the end. `sums`: evaluation_sums' function, kept across epochs so that a compiled one
+    compiles once."""
     device = train_step.device
     sums = sums or evaluation_sums(model, train_step, beta)
-    if hasattr(loader, "rebatched"):
-        loader = loader.rebatched(EVAL_BATCH)
     model.eval()
     # Sums over images, one tensor so one all_reduce: count, loss, bce, kl, neg_elbo, mse, psnr, KL per dim.
     stats = torch.zeros(7 + model.z_dim, device=device)
@@ -503,12 +501,14 @@ def read_history(path: Path, epochs: int) -> list[dict]:
 
 def build_loaders(args, device, rank: int, world_size: int, cached=(), **options):
     """This rank's train and val loaders, served from the resident cache for the splits in `cached`;
-    `options` go to build_loader (the tests ask for keys)."""
+    `options` go to build_loader (the tests ask for keys). A cached val split comes in batches of
+    EVAL_BATCH (at least --batch-size): evaluation's batches need no decoding there, only memory."""
     master = rank == 0
 
     def loader(split):
         name, extra = ("cache", dict(source=args.loader, progress=master)) if split in cached else (args.loader, {})
-        made = build_loader(name, args.data_path, split, args.batch_size, device, rank=rank,
+        batch_size = max(args.batch_size, EVAL_BATCH) if split != "train" and split in cached else args.batch_size
+        made = build_loader(name, args.data_path, split, batch_size, device, rank=rank,
                             world_size=world_size, workers=args.workers, seed=args.seed, crop=args.crop,
                             flip=args.flip if split == "train" else False, **extra, **options)
         if master and split in cached:

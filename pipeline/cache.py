@@ -22,7 +22,6 @@ every dtype, any strides), where (TensorCompare.cu, dispatched by element size),
 broadcasts uint8 as ncclUint8.
 """
 
-import copy
 import gc
 import math
 import os
@@ -150,15 +149,6 @@ class CachedLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-
-    def rebatched(self, batch_size: int) -> "CachedLoader":
-        """An evaluation loader over the same rows in batches of `batch_size` (the same images, the same
-        order; only where the batches end differs)."""
-        if self.train:
-            raise ValueError("rebatched() is for evaluation: a training loader's epoch depends on its batch size")
-        clone = copy.copy(self)
-        clone.batch_size = batch_size
-        return clone
 
     def plan(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's rows for the epoch, in order, and each one's flip (None without flips), on the CPU."""
