@@ -48,6 +48,10 @@ from pipeline.shards import split_shards
 LOG_EVERY = 25  # steps between host syncs: reading the loss forces the GPU to catch up
 EVAL_BATCH = 1024  # images per evaluation batch served from the resident cache: fewer, larger launches
 CHECKPOINT, WEIGHTS, METRICS = "checkpoint.pt", "vae_celeba.pth", "metrics.jsonl"  # in --output-dir
+# metrics.jsonl's fields that time the run rather than describe the training (the last three only in a
+# run's first line): a resumed run's lines equal an uninterrupted run's but for these.
+TIMINGS = ("seconds", "images_per_s", "wall_s", "eval_s", "figures_s", "checkpoint_s", "compile_s", "fill_s",
+           "fill_source")
 
 # ----------------------------------------------------------------------------- config
 
