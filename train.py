@@ -5,16 +5,18 @@
 
 Reads top to bottom: config, checkpoints, one epoch of training, evaluation and pictures, then
 main(), the epoch loop. Writes into --output-dir: reconstructions_epoch{n}.png and curves.png
-(each epoch), generated_samples.png and interpolations.png (after training), vae_celeba.pth (a plain
+(every --figures-every epochs and after the last, drawn on a background thread), generated_samples.png and interpolations.png (after training), vae_celeba.pth (a plain
 CPU state_dict that `VariationalAutoEncoder(z_dim=128).load_state_dict(torch.load(...))` takes),
 checkpoint.pt and checkpoint.prev.pt (resumable: the newest and the one before, rotated after each
-epoch, or every --checkpoint-every epochs), metrics.jsonl (one line per epoch), run.json (the settings
-and the files the run wrote) and, with --tensorboard, TensorBoard event files in tb/. It refuses to
-start in a folder that holds another run unless told to --resume it or to --overwrite it, and in a
-folder where files it did not write hold its output names.
+epoch, or every --checkpoint-every epochs), metrics.jsonl (one line per epoch: the metrics and the
+training thread's seconds in each part of the epoch), run.json (the settings and the files the run
+wrote) and, with --tensorboard, TensorBoard event files in tb/. It refuses to start in a folder that
+holds another run unless told to --resume it or to --overwrite it, and in a folder where files it did
+not write hold its output names.
 """
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -36,7 +38,7 @@ from model import BETA, VariationalAutoEncoder, VAELoss, vae_loss
 from model import figures, metrics
 from model.checkpoint import (SETTINGS, CheckpointError, CheckpointWriter, checkpoint_state, load_checkpoint, previous,
                               restore_checkpoint, rng_state, save_weights, setting_changes, settings_of)
-from model.step import TrainStep, make_optimizer, resolve_amp, resolve_compile
+from model.step import StaticStep, TrainStep, make_optimizer, resolve_amp, resolve_compile
 from pipeline import CROPS, LOADERS, DataError, build_loader, cli, default_workers, split_size
 from pipeline import run_dir
 from pipeline.cache import CACHE_MODES, MEMORY_FRACTION, plan as plan_cache
@@ -46,7 +48,12 @@ from pipeline.run_dir import RunDir, RunDirError
 from pipeline.shards import split_shards
 
 LOG_EVERY = 25  # steps between host syncs: reading the loss forces the GPU to catch up
+EVAL_BATCH = 1024  # images per evaluation batch served from the resident cache: fewer, larger launches
 CHECKPOINT, WEIGHTS, METRICS = "checkpoint.pt", "vae_celeba.pth", "metrics.jsonl"  # in --output-dir
+# metrics.jsonl's fields that time the run rather than describe the training (the last three only in a
+# run's first line): a resumed run's lines equal an uninterrupted run's but for these.
+TIMINGS = ("seconds", "images_per_s", "wall_s", "eval_s", "figures_s", "checkpoint_s", "compile_s", "fill_s",
+           "fill_source")
 
 # ----------------------------------------------------------------------------- config
 
@@ -120,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "its cores divided among them, where torchrun's own OMP_NUM_THREADS=1 counts as unset")
     p.add_argument("--dist-timeout", type=cli.positive_float, default=300, help="under torchrun: seconds a rank waits for the "
                    "others in a collective (a gradient all-reduce, a metric sum) before the job stops with an error")
+    p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                   help="run each training step as one CUDA graph replay (batch gather, flips, forward, loss, backward, "
+                   "fused Adam): needs CUDA, the train split in the resident cache (--cache) and one process. auto is "
+                   "off until a GPU run has compared the graphed step's weights with the ordinary step's (a graph "
+                   "replays fixed memory and can go wrong silently); on: graph when it can, else say why in one line "
+                   "and run the same step uncaptured")
+    p.add_argument("--figures-every", type=cli.positive_int, default=1, help="draw reconstructions_epochN.png and "
+                   "curves.png every N epochs (and always after the last), on a background thread")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs to OUTPUT_DIR/tb: "
                    f"training scalars every {LOG_EVERY} steps, validation figures and reconstructions each epoch "
                    "(pip install tensorboard)")
@@ -380,18 +395,51 @@ class Diverged(TrainingError):
 # ----------------------------------------------------------------------------- one epoch
 
 
+def choose_step(mode: str, train_step: TrainStep, train_loader, cached: bool, ddp: bool, report):
+    """--cuda-graph made concrete: the StaticStep to train with (captured or not), or None for the ordinary
+    loader-fed step; and a line saying what runs and why (None when nothing needs saying)."""
+    if mode != "on":
+        return None, None
+    device = train_step.device
+    if not cached:
+        return None, ("--cuda-graph on: the train split streams from its loader, and the graph gathers its batches "
+                      "from the resident cache (--cache on); the ordinary step runs")
+    if device.type != "cuda":
+        return StaticStep(train_step, train_loader, capture=False), (
+            f"--cuda-graph on: the device is {device.type}, which has no CUDA graphs; the same static-buffer step "
+            "runs uncaptured")
+    if ddp:
+        # PyTorch's CUDA notes ask three things of DDP in a graph: NCCL's async error handling off (the
+        # watchdog that --dist-timeout relies on to end a hung job), DDP built on the capture's side stream,
+        # and 11 eager DDP steps before the capture. The first costs a guarantee, so it is not done.
+        return StaticStep(train_step, train_loader, capture=False), (
+            "--cuda-graph on: not under torchrun, where a graph needs NCCL's async error handling off (the "
+            "--dist-timeout watchdog); the same static-buffer step runs uncaptured")
+    step = StaticStep(train_step, train_loader, capture=True, report=report)
+    return step, f"cuda graph: {step.why}" if step.graphed else None
+
+
 def train_one_epoch(train_step, loader, epoch: int, args, world_size: int, out_dir: Path, show: bool,
                     log=None) -> dict:
     """Trains over one epoch of `loader`; returns the mean train VAELoss fields and the wall time.
+    `train_step` is a TrainStep fed by `loader`, or a StaticStep that gathers its batches itself.
     `log(global_step, means)` receives the VAELoss fields averaged over the steps since its last call."""
     device = train_step.device
-    stats = torch.zeros(4, device=device)  # loss, bce, kl, neg_elbo, summed over steps
+    static = isinstance(train_step, StaticStep)
+    if static:
+        train_step.set_epoch(epoch)
+        stats = train_step.sums  # loss, bce, kl, neg_elbo, summed over steps on the device by the step itself
+    else:
+        stats = torch.zeros(4, device=device)
     logged, logged_steps = torch.zeros_like(stats), 0
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show, dynamic_ncols=True)
     started = time.perf_counter()
     try:  # closed however the epoch ends, so that an error is printed on a line of its own
-        for step, images in enumerate(loader):
-            stats += torch.stack(train_step(images))
+        for step, images in enumerate(range(len(loader)) if static else loader):
+            if static:
+                train_step()
+            else:
+                stats += torch.stack(train_step(images))
             bar.update()
             if (step + 1) % LOG_EVERY == 0 or step + 1 == len(loader):
                 mean = (stats / (step + 1)).tolist()
@@ -417,17 +465,11 @@ def train_one_epoch(train_step, loader, epoch: int, args, world_size: int, out_d
 # ----------------------------------------------------------------------------- evaluation and pictures
 
 
-@torch.no_grad()
-def evaluate(model, loader, train_step, beta: float) -> dict:
-    """Means per image over the whole split, every rank's share included: the VAELoss fields (with a
-    sampled z, as in training), MSE and PSNR of the reconstruction from the posterior mean (model.metrics),
-    and the KL of each latent dimension, summarised as the count of active dimensions."""
-    device = train_step.device
-    z_dim = model.z_dim
-    model.eval()
-    # Sums over images, one tensor so one all_reduce: count, loss, bce, kl, neg_elbo, mse, psnr, KL per dim.
-    stats = torch.zeros(7 + z_dim, device=device)
-    for images in loader:
+def evaluation_sums(model, train_step, beta: float, compile: bool = False):
+    """images -> one batch's sums over images (count, the VAELoss fields, MSE, PSNR, KL per latent dim),
+    compiled with a dynamic batch size when `compile`, so the split's last, shorter batch compiles nothing
+    more (a batch of exactly one image, which torch specialises, compiles once more)."""
+    def sums(images):
         x = train_step.to_input(images)
         with train_step.autocast():
             mu, logvar = model.encode(x)
@@ -435,9 +477,26 @@ def evaluate(model, loader, train_step, beta: float) -> dict:
             x_hat, x_mean = model.decode(torch.cat([model.reparameterize(mu, logvar), mu])).chunk(2)
         out = vae_loss(x_hat, x, mu, logvar, beta)
         mse = metrics.mse_per_image(x_mean, x)
-        stats += torch.cat([torch.stack([torch.ones((), device=device), *out]) * len(x),
-                            torch.stack([mse.sum(), metrics.psnr(mse).sum()]),
-                            metrics.kl_per_dim(mu, logvar).sum(0)])
+        return torch.cat([torch.stack([torch.ones((), device=x.device), *out]) * x.shape[0],
+                          torch.stack([mse.sum(), metrics.psnr(mse).sum()]),
+                          metrics.kl_per_dim(mu, logvar).sum(0)])
+    return torch.compile(sums, dynamic=True) if compile else sums
+
+
+@torch.no_grad()
+def evaluate(model, loader, train_step, beta: float, sums=None) -> dict:
+    """Means per image over the whole split, every rank's share included: the VAELoss fields (with a
+    sampled z, as in training), MSE and PSNR of the reconstruction from the posterior mean (model.metrics),
+    and the KL of each latent dimension, summarised as the count of active dimensions. Nothing reads the
+    device until the end. `sums`: evaluation_sums' function, kept across epochs so that a compiled one
+    compiles once."""
+    device = train_step.device
+    sums = sums or evaluation_sums(model, train_step, beta)
+    model.eval()
+    # Sums over images, one tensor so one all_reduce: count, loss, bce, kl, neg_elbo, mse, psnr, KL per dim.
+    stats = torch.zeros(7 + model.z_dim, device=device)
+    for images in loader:
+        stats += sums(images)
     model.train()
     stats = all_reduce(stats) / stats[0]
     mean_kl_per_dim = stats[7:].cpu()
@@ -448,14 +507,60 @@ def evaluate(model, loader, train_step, beta: float) -> dict:
 
 
 @torch.no_grad()
-def save_reconstructions(model, preview, train_step, path: Path) -> torch.Tensor:
-    """Faces over their reconstructions from the posterior mean; returns the grid."""
+def reconstructions(model, preview, train_step) -> torch.Tensor:
+    """Faces over their reconstructions from the posterior mean, as a grid on the device: launched on the
+    training thread, so it sees this epoch's weights, and read by whoever saves it."""
     model.eval()
     with train_step.autocast():
         grid = figures.reconstruction_grid(model, train_step.to_input(preview))
     model.train()
-    figures.save_png(grid, path)
     return grid
+
+
+class Drawer:
+    """Draws pictures and curves on one background thread, so that the training thread only launches the
+    reconstruction's forward pass. Jobs run in order; a job's error is raised on the training thread, as
+    one line, by the next `check()` (each epoch's end) or by `close()`, which waits for every job.
+
+    An epoch's pictures are drawn while the next epoch trains, so its checkpoint is saved before they are
+    written: a picture that fails to write is missing from a run that resumes after it (curves.png is
+    drawn again at the next epoch). The last epoch's pictures are awaited before its checkpoint, so a run
+    that fails there resumes into that epoch and draws them."""
+
+    def __init__(self, args, last_good):
+        """`last_good()` gives the checkpoint a failure's message points to (write_failure)."""
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="figures")
+        self.jobs, self.args, self.last_good = [], args, last_good
+
+    def submit(self, fn, *args) -> None:
+        self.jobs.append(self.pool.submit(fn, *args))
+
+    def check(self, wait: bool = False) -> None:
+        """Raises the first error of the jobs done so far (all of them, with `wait`) as a TrainingError."""
+        if wait:
+            concurrent.futures.wait(self.jobs)
+        done = [job for job in self.jobs if job.done()]
+        self.jobs = [job for job in self.jobs if not job.done()]
+        for job in done:
+            exn = job.exception()
+            if isinstance(exn, OSError):
+                raise write_failure(exn, self.args, self.last_good()) from None
+            if exn is not None:
+                raise TrainingError(f"drawing the pictures failed: {type(exn).__name__}: {exn}") from None
+
+    def close(self, check: bool = True) -> None:
+        """Waits for the jobs; then, with `check`, raises the first error."""
+        self.pool.shutdown(wait=True)
+        if check:
+            self.check()
+
+
+def draw_epoch(grid, history: list[dict], path: Path, curves: Path, writer, epoch: int) -> None:
+    """The background job of an epoch: its reconstructions (and TensorBoard's copy) and the curves so far."""
+    figures.save_png(grid, path)
+    figures.save_curves(history, curves)
+    if writer is not None:
+        writer.add_image("reconstructions", grid, epoch)
 
 
 @torch.no_grad()
@@ -512,13 +617,15 @@ def read_history(path: Path, epochs: int) -> list[dict]:
 
 def build_loaders(args, device, rank: int, world_size: int, cached=(), **options):
     """This rank's train and val loaders, served from the resident cache for the splits in `cached`;
-    `options` go to build_loader (the tests ask for keys)."""
+    `options` go to build_loader (the tests ask for keys). A cached val split comes in batches of
+    EVAL_BATCH (at least --batch-size): evaluation's batches need no decoding there, only memory."""
     master = rank == 0
 
     def loader(split):
         name, extra = (("cache", dict(source=args.loader, progress=master, cache_file=args.cache_file))
                        if split in cached else (args.loader, {}))
-        made = build_loader(name, args.data_path, split, args.batch_size, device, rank=rank,
+        batch_size = max(args.batch_size, EVAL_BATCH) if split != "train" and split in cached else args.batch_size
+        made = build_loader(name, args.data_path, split, batch_size, device, rank=rank,
                             world_size=world_size, workers=args.workers, seed=args.seed, crop=args.crop,
                             flip=args.flip if split == "train" else False, **extra, **options)
         if master and split in cached:
@@ -580,6 +687,7 @@ def main(args):
     optimizer = make_optimizer(raw_model.parameters(), args.lr, device)
     train_step = TrainStep(model, optimizer, device, amp=amp, channels_last=args.channels_last,
                            compile=use_compile, beta=args.beta)
+    eval_sums = evaluation_sums(raw_model, train_step, args.beta, compile=use_compile)
     # The weights above are the same on every rank; the reparameterisation noise is each rank's own.
     torch.manual_seed(args.seed + rank)
 
@@ -594,6 +702,18 @@ def main(args):
     if master:
         print(f"{args.loader} loader: {train_loader.num_samples * world_size} training images per epoch, "
               f"{len(train_loader)} steps of {args.batch_size} x {world_size}")
+    # After the checkpoint is restored: a graph holds the addresses of the weights and Adam's state.
+    static, line = choose_step(args.cuda_graph, train_step, train_loader, "train" in cached, ddp,
+                               report=print if master else lambda line: None)
+    if master and line:
+        print(line)
+    stepper = static or train_step
+    caches = {split: made.cache for split, made in (("train", train_loader), ("val", val_loader))
+              if hasattr(made, "cache")}
+    first_row = {"fill_s": {split: cache.seconds for split, cache in caches.items()},
+                 "fill_source": {split: getattr(cache, "source", "decoded") for split, cache in caches.items()}}
+    if static is not None and static.compile_seconds is not None:
+        first_row["compile_s"] = static.compile_seconds  # the warm-up steps (and capture) before epoch 1
 
     # ------------------------------------------------------------------------- the loop
     folder = prepare_output_dir(args, marker, start_epoch, damaged) if master else None
@@ -606,6 +726,7 @@ def main(args):
                 return out_dir / CHECKPOINT, checkpoints.saved
         return (resumed_from, start_epoch) if resumed_from else None
     writer = open_tensorboard(summary_writer, folder) if summary_writer and master else None
+    drawer = Drawer(args, last_good) if master else None
 
     def log_step(step, means):
         for k, v in means.items():
@@ -614,14 +735,22 @@ def main(args):
     history = read_history(out_dir / METRICS, start_epoch) if master and start_epoch else []
     started = time.perf_counter() - (history[-1].get("wall_s", 0.0) if history else 0.0)
     epoch = start_epoch
+    checkpoint_s = 0.0  # the training thread's time in the last checkpoint, which the next row reports
     try:
         for epoch in range(start_epoch, args.epochs):
             train_loader.set_epoch(epoch)
-            train = train_one_epoch(train_step, train_loader, epoch, args, world_size, out_dir, show=master,
+            train = train_one_epoch(stepper, train_loader, epoch, args, world_size, out_dir, show=master,
                                     log=log_step if writer is not None else None)
-            val = evaluate(raw_model, val_loader, train_step, args.beta)
+            clock = time.perf_counter()
+            val = evaluate(raw_model, val_loader, train_step, args.beta, eval_sums)
+            eval_s = time.perf_counter() - clock
             rng = all_rng_states(device, world_size) if checkpoint_due(epoch, args) else None
             if master:
+                drawer.check()  # the previous epoch's pictures, drawn meanwhile
+                clock = time.perf_counter()
+                draw = (epoch + 1) % args.figures_every == 0 or epoch + 1 == args.epochs
+                grid = reconstructions(raw_model, preview, train_step) if draw else None
+                figures_s = time.perf_counter() - clock
                 record = {"epoch": epoch + 1,
                           **{f"train_{k}": train[k] for k in VAELoss._fields},
                           **{f"val_{k}": v for k, v in val.items()},
@@ -629,33 +758,41 @@ def main(args):
                           "val_bits_per_dim": VAELoss.bits_per_dim(val["neg_elbo"]),
                           "lr": optimizer.param_groups[0]["lr"],
                           "images_per_s": train["images_per_s"], "seconds": train["seconds"],
+                          "eval_s": eval_s, "figures_s": figures_s, "checkpoint_s": checkpoint_s,
+                          **(first_row if epoch == start_epoch else {}),
                           "wall_s": time.perf_counter() - started}
                 history.append(record)
-                # The checkpoint last: an epoch it holds has its pictures and its metrics line (a resume
-                # drops the lines of epochs past the checkpoint). It is copied here and written by a thread.
+                # The checkpoint last: an epoch it holds has its metrics line (a resume drops the lines of
+                # epochs past the checkpoint); its pictures are drawn meanwhile, in the background. It is
+                # copied here and written by a thread.
                 try:
                     checkpoints.raise_failure()  # the previous epoch's write, if it failed
-                    folder.claim(f"reconstructions_epoch{epoch + 1}.png")
-                    grid = save_reconstructions(raw_model, preview, train_step,
-                                                out_dir / f"reconstructions_epoch{epoch + 1}.png")
                     write_metrics(out_dir / METRICS, history)
-                    figures.save_curves(history, out_dir / "curves.png")
+                    if draw:
+                        picture = f"reconstructions_epoch{epoch + 1}.png"
+                        folder.claim(picture)
+                        drawer.submit(draw_epoch, grid, list(history), out_dir / picture, out_dir / "curves.png",
+                                      writer, epoch + 1)
+                    if epoch + 1 == args.epochs:
+                        drawer.check(wait=True)  # the last pictures before the run's last checkpoint
+                    clock = time.perf_counter()
                     if rng is not None:
                         checkpoints.save(checkpoint_state(raw_model, optimizer, train_step.scaler, epoch + 1,
                                                           saved_args(args), world_size, rng))
+                    checkpoint_s = time.perf_counter() - clock
                 except OSError as exn:
                     raise write_failure(exn, args, last_good()) from None
                 if writer is not None:
                     for k, v in record.items():
-                        if k != "epoch":
+                        if k != "epoch" and not isinstance(v, dict):
                             writer.add_scalar(f"epoch/{k}", v, epoch + 1)
-                    writer.add_image("reconstructions", grid, epoch + 1)
                     writer.flush()
                 print(f"epoch {epoch + 1}: train loss {train['loss']:.4f} | val loss {val['loss']:.4f}, "
                       f"{record['val_bits_per_dim']:.3f} bits/dim, PSNR {val['psnr']:.2f} dB, "
                       f"{val['active_dims']}/{args.z_dim} active dims | {record['images_per_s']:.0f} img/s")
     except KeyboardInterrupt:
         if master:  # after the checkpoint being written, if any, is whole
+            drawer.close(check=False)  # the pictures of the epochs done are finished, not cut short
             print(f"\ninterrupted in epoch {epoch + 1}; {next_step(args, last_good(), start_over=True)}",
                   file=sys.stderr)
         if writer is not None:
@@ -678,8 +815,11 @@ def main(args):
     finally:
         if checkpoints is not None:
             checkpoints.wait()  # Ctrl-C, an error or the end: the checkpoint being written is finished first
+        if drawer is not None:
+            drawer.pool.shutdown(wait=True)  # whatever stopped the loop, no picture is left half written
 
     if master:
+        drawer.close()  # its last error, if any, stops the run before the weights mark it finished
         try:  # the weights last: they mark a finished run
             checkpoints.raise_failure()
             samples = save_samples(raw_model, args.z_dim, args.seed, device, out_dir / "generated_samples.png")

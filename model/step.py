@@ -3,16 +3,25 @@
     optimizer = make_optimizer(model.parameters(), lr=3e-4, device=device)
     step = TrainStep(model, optimizer, device, amp="bf16", channels_last=True, compile=True)
     stats = step(images)  # uint8 (B, 3, 64, 64) batch -> VAELoss of detached tensors, no host sync
+
+    graphed = StaticStep(step, cached_train_loader, capture=True)  # warms up, then captures one CUDA graph
+    graphed.set_epoch(epoch)  # the epoch's rows and flips into its static plan; sums and position to zero
+    for _ in range(len(cached_train_loader)):
+        graphed()             # one step: a graph replay (or the same ops uncaptured)
+    graphed.sums              # (4,) device tensor: the VAELoss fields summed over the epoch's steps so far
 """
 
 import os
 import platform
 import shutil
+import time
+from collections import defaultdict
 from contextlib import nullcontext
 
 import torch
 
 from model.loss import BETA, VAELoss, vae_loss
+from pipeline.cache import gather
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
@@ -82,6 +91,9 @@ def make_optimizer(params, lr: float, device) -> torch.optim.Adam:
         # scale (as `_step_supports_amp_scaling` says) and the unfused step refuses it.
         for group in optimizer.param_groups:
             group["fused"] = fused
+            # StaticStep turns capturable on for its capture; the run that saved it may have graphed, this
+            # one may not (on a CPU capturable refuses to step).
+            group["capturable"] = optimizer.defaults["capturable"]
             for p in group["params"] if fused else ():
                 state = optimizer.state.get(p, {})
                 if "step" in state:  # the fused kernel reads the step count on the device, in float32
@@ -109,6 +121,7 @@ class TrainStep:
         # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 has fp32's range.
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         # The forward and the loss are compiled together; backward follows through AOTAutograd.
+        self.compiled = compile
         self.forward_loss = torch.compile(self._forward_loss, mode=compile_mode) if compile else self._forward_loss
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -127,3 +140,167 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return VAELoss(*(t.detach() for t in out))
+
+
+# ----------------------------------------------------------------------------- the static-buffer step
+
+CAPTURE_WARMUP = 3  # eager steps before capture, as in PyTorch's whole-network example (cuDNN's and
+# inductor's choices, AccumulateGrad's buffers and Adam's state are all made before the graph is)
+
+
+class StaticStep:
+    """TrainStep over a resident cache with every tensor at a fixed address, so that on CUDA the whole
+    step -- gather, flips, forward, fp32 loss, backward, fused Adam, the loss sums -- is one CUDA graph.
+
+    Per epoch, `set_epoch` copies the loader's plan (its rows and flip coins for the epoch, drawn on the
+    CPU from (seed, epoch) as the loader draws them) into a static (steps, B) buffer on the device. Each
+    step reads its row of the plan at a device-side position counter, gathers the batch from the cache
+    with the loader's own `gather`, runs `train_step` (whose reparameterisation noise comes from the
+    default generator, which a capture registers and each replay advances), adds the VAELoss fields
+    into `sums` and advances the counter: the host does nothing but launch. Uncaptured (CPU, DDP, or
+    a capture that failed) it runs the same ops, so its steps equal the loader-fed TrainStep's bit for
+    bit on the CPU, where they are tested.
+
+    `capture`: warm up and capture a CUDA graph (CUDA only; a failed capture is reported in one line
+    through `report` and the step runs uncaptured). `warmup`: eager steps first, by default
+    CAPTURE_WARMUP before a capture, else 1 when the step is compiled (its compile), else none. They
+    are undone -- weights, Adam's and the GradScaler's state, the random generators -- so training
+    starts from where it stood. `compile_seconds` is how long the warm-up and capture took (None without
+    them); `graphed` says whether replays run, `why` says so in words. `steps` calls per `set_epoch`.
+    """
+
+    def __init__(self, train_step: TrainStep, loader, *, capture: bool, warmup: int | None = None,
+                 report=print):
+        if not getattr(loader, "train", False) or not hasattr(loader, "plan"):
+            raise ValueError("StaticStep serves a training CachedLoader (the resident cache)")
+        self.train_step, self.loader, self.device = train_step, loader, train_step.device
+        self.images, self.batch_size, self.steps = loader.images, loader.batch_size, len(loader)
+        if capture and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
+        shape = (self.steps, self.batch_size)
+        self.rows = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        self.flips = torch.zeros(shape, dtype=torch.bool, device=self.device) if loader.flip else None
+        self.position = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.sums = torch.zeros(len(VAELoss._fields), device=self.device)
+        self.graph, self.compile_seconds, self.why = None, None, "uncaptured"
+        self.set_epoch(loader.epoch)
+        if warmup is None:
+            warmup = CAPTURE_WARMUP if capture else 1 if train_step.compiled else 0
+        if capture or warmup:
+            started = time.perf_counter()
+            stream = torch.cuda.Stream(self.device) if capture else None
+            saved = self._snapshot()
+            self._warm_up(warmup, stream)
+            self._restore(saved)
+            if capture:
+                try:
+                    self._capture(stream)
+                    self.why = "captured: each step is one CUDA graph replay"
+                except Exception as exn:  # noqa: BLE001 -- any failure to capture leaves the eager step
+                    self.graph = None
+                    for group in train_step.optimizer.param_groups:
+                        group["capturable"] = train_step.optimizer.defaults["capturable"]
+                    self._restore(saved)
+                    first = (str(exn).strip().splitlines() or [""])[0]
+                    self.why = f"capture failed ({type(exn).__name__}: {first}); the same step runs uncaptured"
+                    report(f"cuda graph: {self.why}")
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.compile_seconds = time.perf_counter() - started
+        self.set_epoch(loader.epoch)
+
+    @property
+    def graphed(self) -> bool:
+        return self.graph is not None
+
+    def set_epoch(self, epoch: int) -> None:
+        """The plan of `epoch` into the static buffers (one copy each, before the epoch's steps); the
+        position and the sums back to zero."""
+        self.loader.set_epoch(epoch)
+        rows, flips = self.loader.plan()
+        self.rows.copy_(rows.view(self.rows.shape))
+        if self.flips is not None:
+            self.flips.copy_(flips.view(self.flips.shape))
+        self.position.zero_()
+        self.sums.zero_()
+        self.taken = 0  # steps since, counted on the host: past the plan's last row the gather would fault
+
+    def _step(self) -> None:
+        rows = self.rows.index_select(0, self.position).view(-1)
+        flips = None if self.flips is None else self.flips.index_select(0, self.position).view(-1)
+        out = self.train_step(gather(self.images, rows, flips))
+        self.sums += torch.stack(out)
+        self.position += 1
+
+    def __call__(self) -> None:
+        if self.taken == self.steps:
+            raise RuntimeError(f"the epoch's {self.steps} steps are taken: call set_epoch() for the next epoch")
+        self.taken += 1
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+
+    # ------------------------------------------------------------------------- warm-up and capture
+
+    def _warm_up(self, steps: int, stream) -> None:
+        steps = min(steps, self.steps)
+        if stream is None:
+            for _ in range(steps):
+                self._step()
+            return
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # PyTorch's rule: warm up on the side stream that captures
+            for _ in range(steps):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+
+    def _capture(self, stream) -> None:
+        optimizer = self.train_step.optimizer
+        for group in optimizer.param_groups:
+            group["capturable"] = True  # fused Adam computes alike either way; step() refuses capture without it
+        optimizer.zero_grad(set_to_none=True)  # backward in the capture makes the grads, in the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            self._step()
+        self.graph = graph
+
+    def _snapshot(self) -> dict:
+        """What the warm-up changes, to put back in place (the graph keeps these tensors' addresses)."""
+        step = self.train_step
+        state = {p: {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                 for p, s in step.optimizer.state.items()}
+        scaler = step.scaler
+        scale = None
+        if scaler.is_enabled() and getattr(scaler, "_scale", None) is not None:
+            scale = (scaler._scale.clone(), scaler._growth_tracker.clone())
+        return {"params": [p.detach().clone() for p in step.model.parameters()], "state": state,
+                "scale": scale, "cpu_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+
+    @torch.no_grad()
+    def _restore(self, saved: dict) -> None:
+        step = self.train_step
+        for p, value in zip(step.model.parameters(), saved["params"]):
+            p.copy_(value)
+            p.grad = None
+        for p, state in step.optimizer.state.items():
+            before = saved["state"].get(p)
+            for k, v in state.items():
+                if torch.is_tensor(v):  # state made by the warm-up goes back to what a first step makes: zeros
+                    v.copy_(before[k]) if before is not None else v.zero_()
+        scaler = step.scaler
+        if scaler.is_enabled():
+            if getattr(scaler, "_scale", None) is not None:
+                if saved["scale"] is not None:
+                    scaler._scale.copy_(saved["scale"][0])
+                    scaler._growth_tracker.copy_(saved["scale"][1])
+                else:
+                    scaler._scale.fill_(scaler._init_scale)
+                    scaler._growth_tracker.fill_(scaler._init_growth_tracker)
+            # A capture that failed part-way may leave the scaler between unscale and update.
+            from torch.amp.grad_scaler import _refresh_per_optimizer_state
+            scaler._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
+        torch.set_rng_state(saved["cpu_rng"])
+        if saved["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], self.device)

@@ -128,6 +128,16 @@ def mirror(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     return torch.where(flips[:, None], words(mirrored), words(images)).view(torch.uint8).view(images.shape)
 
 
+def gather(images: torch.Tensor, rows: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
+    """The batch of `rows` (int64, on the device) of a cache's (N, 64, 64, 3) `images`, mirrored where the
+    bool `flips` is True: (B, 3, 64, 64) uint8 channels_last. The one gather of the loader and of the
+    static-buffer step (model/step.py), so both serve the same pixels by the same ops."""
+    batch = images.index_select(0, rows)
+    if flips is not None:
+        batch = mirror(batch, flips)
+    return batch.permute(0, 3, 1, 2)  # NHWC in memory is channels_last NCHW: a view
+
+
 class CachedLoader:
     """Yields (B, 3, 64, 64) uint8 channels_last batches from a Cache, on its device (with keys when asked)."""
 
@@ -166,10 +176,7 @@ class CachedLoader:
         flips = None if flips is None else flips.to(self.device)
         for lo in range(0, self.num_samples, self.batch_size):
             hi = lo + self.batch_size
-            images = self.images.index_select(0, rows[lo:hi])
-            if flips is not None:
-                images = mirror(images, flips[lo:hi])
-            images = images.permute(0, 3, 1, 2)  # NHWC in memory is channels_last NCHW: a view
+            images = gather(self.images, rows[lo:hi], None if flips is None else flips[lo:hi])
             yield (images, [self.cache.keys[i] for i in rows_cpu[lo:hi].tolist()]) if self.with_keys else images
 
 
