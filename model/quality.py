@@ -33,6 +33,14 @@ from pipeline.files import atomic_write
 
 GMM_COMPONENTS = 10  # as the RAE paper
 GMM_SUFFIX, ATTRIBUTES_SUFFIX = ".gmm.pt", ".attributes.pt"  # beside the weights: vae_celeba.gmm.pt, ...
+GMM_SAMPLES, ATTRIBUTE_GRID = "generated_samples_gmm.png", "attributes.png"  # train.py's pictures
+
+
+def outputs(weights_name: str) -> tuple[str, ...]:
+    """The files train.py's end of training adds beside weights named `weights_name`."""
+    stem = Path(weights_name).stem
+    return (stem + GMM_SUFFIX, stem + ATTRIBUTES_SUFFIX, GMM_SAMPLES, ATTRIBUTE_GRID)
+
 ACTIVE_UNIT_COV = 0.01  # Burda et al. 2016: a unit is active when Cov_x(E[z|x]) exceeds this
 SWD_PATCH, SWD_PATCHES_PER_IMAGE, SWD_MIN_RESOLUTION = 7, 128, 16  # Karras et al. 2018
 SWD_PROJECTIONS = 512  # Karras et al.: 4 repeats of 128 directions
