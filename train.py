@@ -39,6 +39,7 @@ from model.step import TrainStep, make_optimizer, resolve_amp, resolve_compile
 from pipeline import CROPS, LOADERS, DataError, build_loader, cli, default_workers, split_size
 from pipeline.cache import CACHE_MODES, MEMORY_FRACTION, plan as plan_cache
 from pipeline.attributes import shard_attributes
+from pipeline.files import atomic_write
 from pipeline.shards import load_manifest, split_shards
 
 LOG_EVERY = 25  # steps between host syncs: reading the loss forces the GPU to catch up
@@ -387,7 +388,7 @@ def read_history(path: Path, epochs: int) -> list[dict]:
         for line in path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
-                if row.get("epoch", 0) <= epochs and "kind" not in row:  # "kind": the end-of-training row
+                if row.get("epoch", 0) <= epochs and "kind" not in row:  # "kind": generate.py --evaluate's rows
                     rows[row["epoch"]] = row
     return [rows[e] for e in sorted(rows)]
 
@@ -398,8 +399,8 @@ def finish_quality(model, train_loader, val_loader, preview, train_step, args, o
     the ex-post GMM of the training split's posterior means beside the weights and its 64 faces
     (generated_samples_gmm.png, the prior grid's seed); the SWD of prior samples, GMM samples and
     reconstructions against the validation images; active units by covariance and by KL; with
-    attributes in the shards, their vectors beside the weights and attributes.png. Appends one
-    metrics.jsonl row, "kind": "end_of_training". Returns the names of the files written."""
+    attributes in the shards, their vectors beside the weights and attributes.png. Adds its figures to
+    the last epoch's metrics.jsonl row. Returns the names of the files written."""
     started = time.perf_counter()
     device, weights = train_step.device, out_dir / WEIGHTS
 
@@ -435,8 +436,7 @@ def finish_quality(model, train_loader, val_loader, preview, train_step, args, o
              "gmm": quality.draw_latents(n, args.z_dim, torch.Generator().manual_seed(args.seed), gmm=gmm),
              "reconstructions": val_mu}
     distances = quality.swd(real, {k: quality.to_uint8(decode(z)) for k, z in fakes.items()}, seed=args.seed)
-    record = {"epoch": args.epochs, "kind": "end_of_training",
-              **{f"swd_{k}": sum(v) / len(v) for k, v in distances.items()},
+    record = {**{f"swd_{k}": sum(v) / len(v) for k, v in distances.items()},
               "swd_levels": distances, "swd_images": n, "swd_real": "val", "swd_seed": args.seed,
               "gmm_components": len(gmm["weights"]), "gmm_codes": gmm["codes"], "gmm_converged": gmm["converged"],
               "val_active_units_cov": quality.active_units(val_mu),
@@ -463,8 +463,9 @@ def finish_quality(model, train_loader, val_loader, preview, train_step, args, o
         written.append(quality.weights_sibling(weights, quality.ATTRIBUTES_SUFFIX).name)
         record["attribute_names"] = vectors["names"]
     record["quality_seconds"] = time.perf_counter() - started
-    with open(out_dir / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    lines = (out_dir / METRICS).read_text().splitlines()  # the last epoch's row gains these fields
+    lines[-1] = json.dumps({**json.loads(lines[-1]), **record})
+    atomic_write(out_dir / METRICS, "".join(line + "\n" for line in lines).encode())
     model.train()
     return written
 

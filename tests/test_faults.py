@@ -203,8 +203,8 @@ def test_overwrite_replaces_the_previous_run(tiny, run_dir):
     (run_dir / "reconstructions_epoch7.png").write_bytes(b"from an older run")
     assert train_run(tiny, run_dir, "--epochs", "1", "--overwrite") == 0
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "checkpoint.pt", "curves.png", "generated_samples.png", "interpolations.png", "metrics.jsonl",
-        "reconstructions_epoch1.png", "vae_celeba.pth"]
+        "checkpoint.pt", "curves.png", "generated_samples.png", "generated_samples_gmm.png", "interpolations.png",
+        "metrics.jsonl", "reconstructions_epoch1.png", "vae_celeba.gmm.pt", "vae_celeba.pth"]
     assert epochs_logged(run_dir) == [1]
 
 
