@@ -233,8 +233,8 @@ def sliced_w1(real_sorted: torch.Tensor, fake: torch.Tensor, projections: torch.
     """The sliced W1 distance of POT's `ot.sliced_wasserstein_distance(real, fake, projections=..., p=1)` for
     two sets of the same size with equal weights, from `real`'s projections already sorted ((P, N), one
     row per direction): W1 along a direction is then the mean |difference| of the sorted projections.
-    tests/test_quality.py checks it against POT's. POT's general, weighted 1-d solver was measured two
-    orders of magnitude slower on these descriptor counts (benchmarks/RESULTS.md)."""
+    tests/test_quality.py checks it against POT's. POT's general, weighted 1-d solver was measured over
+    ten times slower on these descriptor counts (benchmarks/RESULTS.md)."""
     fake_sorted = sorted_projections(fake, projections)
     if fake_sorted.shape != real_sorted.shape:
         raise ValueError(f"sliced_w1 compares sets of one size, not {real_sorted.shape[1]} and {fake_sorted.shape[1]}")
