@@ -302,8 +302,7 @@ def inception_extractor(path: Path):
     import tempfile
 
     try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
-        NoTrainInceptionV3.__init__  # noqa: B018  (torch-fidelity is checked when the class is built)
+        from torchmetrics.image.fid import NoTrainInceptionV3  # torch-fidelity is checked when it is built
     except ImportError as exn:
         raise QualityError("--fid needs torchmetrics and torch-fidelity: pip install torchmetrics torch-fidelity") from exn
     state = load_tensors(path, {})
@@ -311,7 +310,7 @@ def inception_extractor(path: Path):
         raise QualityError(f"{path} is not a state_dict of tensors")
     with tempfile.TemporaryDirectory() as folder:
         safe = Path(folder) / "inception.pth"
-        torch.save({k: v for k, v in state.items()}, safe)  # only tensors this process made
+        torch.save(state, safe)  # only tensors, read with weights_only: safe for torch-fidelity to unpickle
         try:
             return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                       feature_extractor_weights_path=str(safe))
