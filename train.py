@@ -403,6 +403,10 @@ def finish_quality(model, train_loader, val_loader, preview, train_step, args, o
     the last epoch's metrics.jsonl row. Returns the names of the files written."""
     started = time.perf_counter()
     device, weights = train_step.device, out_dir / WEIGHTS
+    missing = quality.missing_packages()
+    if missing:  # a machine set up by hand without them still keeps its weights
+        print(f"note: no GMM, SWD or attribute vectors: pip install {' '.join(missing)}", file=sys.stderr)
+        return []
 
     def every_image(loader, split):  # the whole split once, in stored order, with keys
         if hasattr(loader, "cache"):

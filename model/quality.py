@@ -53,6 +53,16 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
 KID_SUBSET = 1000  # torchmetrics' default subset size, lowered to the image count when there are fewer
 
 
+REQUIRED = {"sklearn": "scikit-learn", "ot": "POT"}  # module -> package, for the GMM and the SWD
+
+
+def missing_packages() -> list[str]:
+    """The packages the GMM and the SWD need that are not installed (pip names)."""
+    import importlib.util
+
+    return [package for module, package in REQUIRED.items() if importlib.util.find_spec(module) is None]
+
+
 class QualityError(RuntimeError):
     """A file or request that cannot be used, as one line for the user."""
 
