@@ -1,32 +1,57 @@
-"""Faces from trained weights: samples, reconstructions of your images, interpolations.
+"""Faces from trained weights: samples, reconstructions of your images, interpolations, attribute
+edits, and how good the samples are.
 
     python generate.py                                         # 64 samples -> samples.png
     python generate.py --samples 16 --temperature 0.8 --seed 1
+    python generate.py --sampler gmm                           # from the ex-post GMM beside the weights
     python generate.py --reconstruct photo.jpg more_photos/    # each image over its reconstruction
     python generate.py --interpolate a.jpg b.jpg --steps 10    # a row from a to b through z
+    python generate.py --attribute Smiling --strength 1.5      # rows of faces from -1.5 to +1.5 along a vector
+    python generate.py --fit-gmm output/old/vae_celeba.pth --data-path dataset/celeba/shards
+    python generate.py --evaluate --data-path dataset/celeba/shards [--fid]
 
-Needs only the weights file that train.py writes (OUTPUT_DIR/vae_celeba.pth). Images go through
-the loaders' own decode, crop and resize (pipeline.torch_loader.decode_resized), so a photo reaches
-the model exactly as the training faces did; give --crop none for weights trained with --crop none.
-Reconstructions and interpolation ends use the posterior mean, z = mu.
+Needs only the weights file that train.py writes (OUTPUT_DIR/vae_celeba.pth); --sampler gmm and
+--attribute also read the files train.py (or --fit-gmm) writes beside it, vae_celeba.gmm.pt and
+vae_celeba.attributes.pt. Images go through the loaders' own decode, crop and resize
+(pipeline.torch_loader.decode_resized), so a photo reaches the model exactly as the training faces
+did; give --crop none for weights trained with --crop none. Reconstructions and interpolation ends
+use the posterior mean, z = mu. A flag that belongs to another mode is refused, not ignored.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 from PIL import UnidentifiedImageError
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
 from model import VariationalAutoEncoder
-from model import figures
+from model import figures, quality
 from model.checkpoint import CheckpointError, load_weights
+from pipeline import build_loader, cli
+from pipeline.attributes import shard_attributes
+from pipeline.files import atomic_write
 from pipeline.geometry import CROPS
+from pipeline.shards import DataError, load_manifest
 from pipeline.torch_loader import decode_resized
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what a folder given to --reconstruct contributes
-DEFAULT_OUT = {"samples": "samples.png", "reconstruct": "reconstructions.png", "interpolate": "interpolation.png"}
+MODES = ("samples", "reconstruct", "interpolate", "attribute", "fit_gmm", "evaluate")
+DEFAULT_OUT = {"samples": "samples.png", "reconstruct": "reconstructions.png", "interpolate": "interpolation.png",
+               "attribute": "attribute.png"}
+# The flags each mode reads; one given with another mode is refused. --weights, --z-dim, --device: every mode.
+MODE_FLAGS = {
+    "samples": {"temperature", "seed", "sampler", "out"},
+    "reconstruct": {"limit", "crop", "out"},
+    "interpolate": {"steps", "crop", "out"},
+    "attribute": {"strength", "steps", "rows", "temperature", "seed", "sampler", "out"},
+    "fit_gmm": {"data_path", "crop", "seed"},
+    "evaluate": {"data_path", "crop", "seed", "images", "fid", "inception_weights"},
+}
+STEPS = {"interpolate": figures.INTERPOLATION_STEPS, "attribute": quality.ATTRIBUTE_STEPS}
+METRICS = "metrics.jsonl"  # beside the weights, as train.py writes it
 
 
 class GenerateError(RuntimeError):
@@ -39,29 +64,56 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags; parse_args adds the checks that involve several of them."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--weights", type=Path, default=Path("output/vae_celeba.pth"),
                    help="a state_dict written by train.py (its default --output-dir is output/)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--samples", type=int, default=64, metavar="N",
-                      help="decode N faces from z = T * eps, eps ~ N(0, I) (what runs when no other mode is given)")
+    mode.add_argument("--samples", type=cli.positive_int, default=64, metavar="N",
+                      help="decode N faces from --sampler's z (what runs when no other mode is given)")
     mode.add_argument("--reconstruct", nargs="+", type=Path, metavar="FILE|FOLDER",
                       help="image files, and folders whose .jpg/.jpeg/.png files are taken in name order; "
                            "each image over its reconstruction")
     mode.add_argument("--interpolate", nargs=2, type=Path, metavar=("A", "B"),
                       help="two image files: A, decodings along the straight line in z between their posterior "
                            "means, B")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T",
-                   help="--samples: scale of z's standard deviation; below 1 gives more typical, blander faces")
-    p.add_argument("--seed", type=int, default=0, help="--samples: seed of z (train.py's generated_samples.png is "
-                   "--samples 64 with its --seed)")
-    p.add_argument("--limit", type=int, default=64, help="--reconstruct: at most this many images")
-    p.add_argument("--steps", type=int, default=figures.INTERPOLATION_STEPS,
-                   help="--interpolate: decodings along the line, both ends included")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"the PNG to write; None: {', '.join(f'{v} for --{k}' for k, v in DEFAULT_OUT.items())}")
-    p.add_argument("--z-dim", type=int, default=None, help="latent dimensions; must match the weights (None: read "
-                   "from them)")
+    mode.add_argument("--attribute", metavar="NAME", help="rows of faces moved along the attribute's vector, "
+                      "mean(z | NAME) - mean(z | not NAME) over the training split, from -S to +S (--strength)")
+    mode.add_argument("--fit-gmm", nargs="?", const=None, type=Path, metavar="WEIGHTS",
+                      help="fit the ex-post GMM (10 components, full covariance) to the posterior means of "
+                           "--data-path's training split and write it beside WEIGHTS (default: --weights), with "
+                           "the attribute vectors when the shards have attributes: for runs made before train.py "
+                           "wrote them")
+    mode.add_argument("--evaluate", action="store_true",
+                      help="the SWD of prior samples, GMM samples (when the GMM is there) and reconstructions "
+                           "against --data-path's validation images, appended to metrics.jsonl beside the weights")
+    p.add_argument("--sampler", choices=("prior", "gmm"), default="prior",
+                   help="--samples, --attribute: z from N(0, I), or from the ex-post GMM beside the weights")
+    p.add_argument("--temperature", type=cli.nonnegative_float, default=1.0, metavar="T",
+                   help="--samples, --attribute: scale of z's spread (of eps for prior, of each component's "
+                        "deviation for gmm); below 1 gives more typical, blander faces")
+    p.add_argument("--seed", type=cli.seed, default=0, help="z of --samples and --attribute, patches of --evaluate, "
+                   "initialisation of --fit-gmm (train.py's generated_samples.png is --samples 64 with its --seed)")
+    p.add_argument("--limit", type=cli.positive_int, default=64, help="--reconstruct: at most this many images")
+    p.add_argument("--steps", type=cli.int_at_least(2), default=None,
+                   help=f"--interpolate: decodings along the line, both ends included (None: "
+                        f"{STEPS['interpolate']}); --attribute: faces per row (None: {STEPS['attribute']})")
+    p.add_argument("--strength", type=cli.positive_float, default=quality.ATTRIBUTE_STRENGTH, metavar="S",
+                   help="--attribute: each row runs from -S to +S times the attribute's vector")
+    p.add_argument("--rows", type=cli.positive_int, default=8, help="--attribute: faces, one row each")
+    p.add_argument("--data-path", default="dataset/celeba/shards", help="--fit-gmm, --evaluate: shards from "
+                   "prep/shard.py")
+    p.add_argument("--images", type=cli.int_at_least(2), default=quality.SWD_IMAGES,
+                   help="--evaluate: at most this many validation images, and as many generated ones per set")
+    p.add_argument("--fid", action="store_true", help="--evaluate: FID and KID too, through torchmetrics with "
+                   "torch-fidelity's Inception v3 (weights from --inception-weights or torch's hub cache; never "
+                   "downloaded)")
+    p.add_argument("--inception-weights", type=Path, default=None, help="--evaluate --fid: the Inception weights "
+                   f"file ({quality.INCEPTION_URL.rsplit('/', 1)[1]}); None: torch's hub cache")
+    p.add_argument("--out", type=cli.image_path, default=None,
+                   help=f"the picture to write (.png, .jpg); None: "
+                        f"{', '.join(f'{v} for --{k}' for k, v in DEFAULT_OUT.items())}")
+    p.add_argument("--z-dim", type=cli.positive_int, default=None, help="latent dimensions; must match the weights "
+                   "(None: read from them)")
     p.add_argument("--crop", choices=CROPS, default="center", help="the crop the weights were trained with "
                    "(train.py --crop)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -70,11 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     p = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    args.mode = "reconstruct" if args.reconstruct else "interpolate" if args.interpolate else "samples"
-    if args.samples < 1 or args.limit < 1 or args.steps < 2 or args.temperature < 0:
-        p.error("--samples and --limit must be at least 1, --steps at least 2 and --temperature at least 0")
-    if args.out is None:
+    given = cli.given_flags(p, argv)
+    args.mode = next((m for m in MODES[1:] if m in given), "samples")
+    cli.refuse_other_modes(p, given, args.mode, MODE_FLAGS)
+    if args.mode == "fit_gmm":
+        if args.fit_gmm is not None and "weights" in given and args.fit_gmm != args.weights:
+            p.error("--fit-gmm WEIGHTS and --weights name different files; give one")
+        args.weights = args.fit_gmm or args.weights
+    if args.steps is None and args.mode in STEPS:
+        args.steps = STEPS[args.mode]
+    if args.out is None and args.mode in DEFAULT_OUT:
         args.out = Path(DEFAULT_OUT[args.mode])
     return args
 
@@ -138,33 +197,140 @@ def read_images(paths: list[Path], crop: str, device) -> torch.Tensor:
     return torch.stack([read_image(p, crop) for p in paths]).to(device).float().div(255)
 
 
+def sibling(args, suffix: str, made_by: str) -> Path:
+    path = quality.weights_sibling(args.weights, suffix)
+    if not path.is_file():
+        raise GenerateError(f"no {path} beside the weights: {made_by}, or run generate.py --fit-gmm "
+                            f"{args.weights} --data-path SHARDS")
+    return path
+
+
+def latents(args, n: int, z_dim: int) -> torch.Tensor:
+    """n latents from --sampler with --seed and --temperature."""
+    gmm = None
+    if args.sampler == "gmm":
+        gmm = quality.load_gmm(sibling(args, quality.GMM_SUFFIX, "train.py writes it after training"))
+    return quality.draw_latents(n, z_dim, torch.Generator().manual_seed(args.seed), args.temperature, gmm)
+
+
+def split_batches(args, split: str, device, keys: bool = False):
+    """--data-path's split once, in stored order, as the loaders decode it (the torch loader)."""
+    try:
+        return build_loader("torch", args.data_path, split, 64, device, train=False, workers=1, crop=args.crop,
+                            with_keys=keys)
+    except DataError as exn:
+        raise GenerateError(str(exn)) from None
+
+
+def to_input(device):
+    return lambda images: images.to(device).float().div(255)
+
+
+def fit_gmm(model, args, device) -> list[Path]:
+    """The GMM, and attribute vectors when the shards have attributes, written beside the weights."""
+    mu, _, keys = quality.encode_batches(model, split_batches(args, "train", device, keys=True), to_input(device),
+                                         keys=True)
+    written = [quality.save_tensors(quality.weights_sibling(args.weights, quality.GMM_SUFFIX),
+                                    quality.fit_gmm(mu, seed=args.seed))]
+    known = shard_attributes(args.data_path, load_manifest(args.data_path))
+    if known is not None:
+        names, table = known
+        rows = [i for i, key in enumerate(keys) if key in table]
+        values = torch.tensor([table[keys[i]] for i in rows], dtype=torch.int8).view(len(rows), len(names))
+        written.append(quality.save_tensors(quality.weights_sibling(args.weights, quality.ATTRIBUTES_SUFFIX),
+                                            quality.attribute_vectors(mu[rows], values, names)))
+    return written
+
+
+def evaluate(model, args, device) -> dict:
+    """The SWD of each sampler and of reconstructions (and FID and KID with --fid) against the validation
+    images, as a metrics.jsonl row."""
+    feature = None
+    if args.fid:  # before any work: the weights are there, or one line says how to get them
+        inception = quality.inception_file(args.inception_weights)
+        if inception is None:
+            raise GenerateError(quality.missing_inception_message())
+        feature = quality.inception_extractor(inception)
+    real = []
+    for images in split_batches(args, "val", device):
+        real.append(images.cpu().contiguous())
+        if sum(map(len, real)) >= args.images:
+            break
+    real = torch.cat(real)[:args.images]
+    n = len(real)
+    mu, logvar = quality.encode_batches(model, real.split(64), to_input(device))
+    z = {"prior": quality.draw_latents(n, model.z_dim, torch.Generator().manual_seed(args.seed))}
+    gmm_path = quality.weights_sibling(args.weights, quality.GMM_SUFFIX)
+    if gmm_path.is_file():
+        z["gmm"] = quality.draw_latents(n, model.z_dim, torch.Generator().manual_seed(args.seed),
+                                        gmm=quality.load_gmm(gmm_path))
+    z["reconstructions"] = mu
+    fakes = {k: quality.to_uint8(torch.cat([model.decode(c.to(device)).float().cpu() for c in v.split(64)]))
+             for k, v in z.items()}
+    distances = quality.swd(real, fakes, seed=args.seed)
+    row = {"kind": "evaluate", "weights": args.weights.name,
+           **{f"swd_{k}": sum(v) / len(v) for k, v in distances.items()}, "swd_levels": distances,
+           "swd_images": n, "swd_real": "val", "swd_seed": args.seed,
+           "val_active_units_cov": quality.active_units(mu), "val_active_dims_kl": quality.active_dims_kl(mu, logvar)}
+    if feature is not None:
+        for k, v in quality.fid_kid(real, fakes, feature).items():
+            row.update({f"{m}_{k}": x for m, x in v.items()})
+        row["fid_images"] = n
+    return row
+
+
+def append_row(path: Path, row: dict) -> None:
+    old = path.read_bytes() if path.is_file() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    atomic_write(path, old + (json.dumps(row) + "\n").encode())
+
+
 @torch.no_grad()
-def main(args) -> Path:
+def main(args) -> list[Path]:
     device = torch.device(args.device)
     model = load_model(args.weights, args.z_dim, device)
+    if args.mode == "fit_gmm":
+        return fit_gmm(model, args, device)
+    if args.mode == "evaluate":
+        row = evaluate(model, args, device)
+        metrics_file = args.weights.parent / METRICS
+        append_row(metrics_file, row)
+        print(" | ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)))
+        return [metrics_file]
     if args.mode == "reconstruct":
         x = read_images(image_files(args.reconstruct, args.limit), args.crop, device)
         grid = figures.reconstruction_grid(model, x, per_row=min(len(x), 8))
     elif args.mode == "interpolate":
         a, b = read_images(args.interpolate, args.crop, device).chunk(2)
         grid = figures.interpolation_grid(model, a, b, args.steps)
+    elif args.mode == "attribute":
+        vectors = quality.load_attribute_vectors(sibling(args, quality.ATTRIBUTES_SUFFIX,
+                                                         "train.py writes it when the shards have attributes"))
+        if args.attribute not in vectors["names"]:
+            raise GenerateError(f"--attribute {args.attribute}: no such attribute in "
+                                f"{quality.weights_sibling(args.weights, quality.ATTRIBUTES_SUFFIX)}; known: "
+                                f"{', '.join(vectors['names']) or 'none'}")
+        vector = vectors["vectors"][vectors["names"].index(args.attribute)]
+        grid = quality.attribute_grid(model, latents(args, args.rows, model.z_dim).to(device), vector,
+                                      args.strength, args.steps)
     else:
-        generator = torch.Generator().manual_seed(args.seed)
-        grid = figures.sample_grid(model, args.samples, model.z_dim, device, args.temperature, generator)
+        z = latents(args, args.samples, model.z_dim)
+        grid = make_grid(model.decode(z.to(device)).float(), nrow=quality.grid_side(args.samples))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, args.out)
-    return args.out
+    return [args.out]
 
 
 def run(argv=None) -> int:
     """main() with bad input as one line on stderr and exit code 1."""
     args = parse_args(argv)
     try:
-        out = main(args)
-    except GenerateError as exn:
+        written = main(args)
+    except (GenerateError, quality.QualityError, quality.AttributeFileError, DataError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 1
-    print(f"wrote {out}")
+    print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 

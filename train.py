@@ -32,20 +32,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from model import BETA, VariationalAutoEncoder, VAELoss, vae_loss
-from model import figures, metrics
+from model import figures, metrics, quality
 from model.checkpoint import (SETTINGS, CheckpointError, CheckpointWriter, checkpoint_state, load_checkpoint, previous,
                               restore_checkpoint, rng_state, save_weights, setting_changes, settings_of)
 from model.step import StaticStep, TrainStep, make_optimizer, resolve_amp, resolve_compile
 from pipeline import CROPS, LOADERS, DataError, build_loader, cli, default_workers, split_size
 from pipeline import run_dir
 from pipeline.cache import CACHE_MODES, MEMORY_FRACTION, plan as plan_cache
+from pipeline.attributes import shard_attributes
 from pipeline.cache_file import DISK_RESERVE, FILE_MODES
 from pipeline.files import atomic_write
 from pipeline.run_dir import RunDir, RunDirError
-from pipeline.shards import split_shards
+from pipeline.shards import load_manifest, split_shards
 
 LOG_EVERY = 25  # steps between host syncs: reading the loss forces the GPU to catch up
 EVAL_BATCH = 1024  # images per evaluation batch served from the resident cache: fewer, larger launches
@@ -264,8 +266,8 @@ def checkpoint_due(epoch: int, args) -> bool:
 
 DAMAGED = f"{CHECKPOINT}.damaged"
 RUN_OUTPUTS = (CHECKPOINT, previous(Path(CHECKPOINT)).name, METRICS, "curves.png", WEIGHTS, "generated_samples.png",
-               "interpolations.png")  # listed in run.json when a run starts; the pictures of each epoch as written
-EPOCH_PICTURE = re.compile(r"^reconstructions_epoch[1-9][0-9]*\.png$")
+               "interpolations.png", *quality.outputs(WEIGHTS))  # listed in run.json when a run starts; the
+EPOCH_PICTURE = re.compile(r"^reconstructions_epoch[1-9][0-9]*\.png$")  # pictures of each epoch as written
 
 
 def is_output(name: str) -> bool:
@@ -607,9 +609,91 @@ def read_history(path: Path, epochs: int) -> list[dict]:
                 row = json.loads(line)
             except ValueError:  # a line cut short by an older train.py's append, or damage
                 continue
-            if isinstance(row, dict) and isinstance(row.get("epoch"), int) and 0 < row["epoch"] <= epochs:
+            if (isinstance(row, dict) and isinstance(row.get("epoch"), int) and 0 < row["epoch"] <= epochs
+                    and "kind" not in row):  # "kind": generate.py --evaluate's rows
                 rows[row["epoch"]] = row
     return [rows[e] for e in sorted(rows)]
+
+
+@torch.no_grad()
+def finish_quality(model, train_loader, val_loader, preview, train_step, args, out_dir: Path) -> list[str]:
+    """After training, on rank 0, in one pass over each split (from the resident cache when there is one):
+    the ex-post GMM of the training split's posterior means beside the weights and its 64 faces
+    (generated_samples_gmm.png, the prior grid's seed); the SWD of prior samples, GMM samples and
+    reconstructions against the validation images; active units by covariance and by KL; with
+    attributes in the shards, their vectors beside the weights and attributes.png. Adds its figures to
+    the last epoch's metrics.jsonl row. Returns the names of the files written."""
+    started = time.perf_counter()
+    device, weights = train_step.device, out_dir / WEIGHTS
+    missing = quality.missing_packages()
+    if missing:  # a machine set up by hand without them still keeps its weights
+        print(f"note: no GMM, SWD or attribute vectors: pip install {' '.join(missing)}", file=sys.stderr)
+        return []
+
+    def every_image(loader, split):  # the whole split once, in stored order, with keys
+        if hasattr(loader, "cache"):
+            from pipeline.cache import CachedLoader
+            return CachedLoader(loader.cache, args.batch_size, train=False, with_keys=True)
+        return build_loader(args.loader, args.data_path, split, args.batch_size, device, train=False,
+                            workers=args.workers, crop=args.crop, with_keys=True)
+
+    encode = dict(to_input=train_step.to_input, autocast=train_step.autocast, keys=True)
+    train_mu, _, train_keys = quality.encode_batches(model, every_image(train_loader, "train"), **encode)
+    real = []
+    for images, _ in every_image(val_loader, "val"):
+        real.append(images.cpu().contiguous())
+        if sum(map(len, real)) >= quality.SWD_IMAGES:
+            break
+    real = torch.cat(real)[:quality.SWD_IMAGES]
+    val_mu, val_logvar = quality.encode_batches(model, real.split(args.batch_size), train_step.to_input,
+                                                train_step.autocast)
+    gmm = quality.fit_gmm(train_mu, seed=args.seed)
+    quality.save_tensors(quality.weights_sibling(weights, quality.GMM_SUFFIX), gmm)
+    gmm = quality.load_gmm(quality.weights_sibling(weights, quality.GMM_SUFFIX))
+
+    def decode(z):
+        with train_step.autocast():
+            return torch.cat([model.decode(c.to(device)).float().cpu() for c in z.split(args.batch_size)])
+
+    grid_z = quality.draw_latents(64, args.z_dim, torch.Generator().manual_seed(args.seed), gmm=gmm)
+    figures.save_png(make_grid(decode(grid_z), nrow=8), out_dir / quality.GMM_SAMPLES)
+    n = len(real)
+    fakes = {"prior": quality.draw_latents(n, args.z_dim, torch.Generator().manual_seed(args.seed)),
+             "gmm": quality.draw_latents(n, args.z_dim, torch.Generator().manual_seed(args.seed), gmm=gmm),
+             "reconstructions": val_mu}
+    distances = quality.swd(real, {k: quality.to_uint8(decode(z)) for k, z in fakes.items()}, seed=args.seed)
+    record = {**{f"swd_{k}": sum(v) / len(v) for k, v in distances.items()},
+              "swd_levels": distances, "swd_images": n, "swd_real": "val", "swd_seed": args.seed,
+              "gmm_components": len(gmm["weights"]), "gmm_codes": gmm["codes"], "gmm_converged": gmm["converged"],
+              "val_active_units_cov": quality.active_units(val_mu),
+              "val_active_dims_kl": quality.active_dims_kl(val_mu, val_logvar), "active_images": n}
+    written = [quality.weights_sibling(weights, quality.GMM_SUFFIX).name, quality.GMM_SAMPLES]
+    try:
+        known = shard_attributes(args.data_path, load_manifest(args.data_path))
+    except quality.AttributeFileError as exn:  # the weights matter more than the attribute pictures
+        print(f"warning: no attribute vectors: {exn}", file=sys.stderr)
+        known = None
+    if known is not None:
+        names, table = known
+        rows = [i for i, key in enumerate(train_keys) if key in table]
+        values = torch.tensor([table[train_keys[i]] for i in rows], dtype=torch.int8).view(len(rows), len(names))
+        vectors = quality.attribute_vectors(train_mu[rows], values, names)
+        quality.save_tensors(quality.weights_sibling(weights, quality.ATTRIBUTES_SUFFIX), vectors)
+        if len(vectors["names"]):
+            start = quality.encode_batches(model, [preview[:1]], train_step.to_input, train_step.autocast)[0]
+            with train_step.autocast():
+                walks = [quality.attribute_walk(model, start.to(device), v.to(device)) for v in vectors["vectors"]]
+            figures.save_png(make_grid(torch.cat(walks).flatten(0, 1).float(), nrow=quality.ATTRIBUTE_STEPS),
+                             out_dir / quality.ATTRIBUTE_GRID)
+            written.append(quality.ATTRIBUTE_GRID)
+        written.append(quality.weights_sibling(weights, quality.ATTRIBUTES_SUFFIX).name)
+        record["attribute_names"] = vectors["names"]
+    record["quality_seconds"] = time.perf_counter() - started
+    lines = (out_dir / METRICS).read_text().splitlines()  # the last epoch's row gains these fields
+    lines[-1] = json.dumps({**json.loads(lines[-1]), **record})
+    atomic_write(out_dir / METRICS, "".join(line + "\n" for line in lines).encode())
+    model.train()
+    return written
 
 
 # ----------------------------------------------------------------------------- main
@@ -824,6 +908,7 @@ def main(args):
             checkpoints.raise_failure()
             samples = save_samples(raw_model, args.z_dim, args.seed, device, out_dir / "generated_samples.png")
             lines = save_interpolations(raw_model, preview, train_step, out_dir / "interpolations.png")
+            quality_files = finish_quality(raw_model, train_loader, val_loader, preview, train_step, args, out_dir)
             save_weights(out_dir / WEIGHTS, raw_model)
         except OSError as exn:
             folder.close()
@@ -833,7 +918,8 @@ def main(args):
             if lines is not None:
                 writer.add_image("interpolations", lines, args.epochs)
             writer.close()
-        written = [WEIGHTS, "generated_samples.png"] + (["interpolations.png"] if lines is not None else [])
+        written = [WEIGHTS, "generated_samples.png"] + (["interpolations.png"] if lines is not None else []) \
+            + quality_files
         print(f"wrote {', '.join(str(out_dir / name) for name in written)}")
         folder.close()
     if ddp:

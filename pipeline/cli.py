@@ -79,3 +79,41 @@ def unwritable(folder) -> str | None:
     except OSError as exn:
         return f"cannot write into {existing} ({exn.strerror or exn})"
     return None
+
+
+IMAGE_OUT_SUFFIXES = (".png", ".jpg", ".jpeg")  # what torchvision's save_image writes by the name's suffix
+
+
+def image_path(text: str) -> Path:
+    """An argparse `type=` for a picture to write: a file name that ends in an image suffix."""
+    path = Path(text)
+    if path.suffix.lower() not in IMAGE_OUT_SUFFIXES or not path.stem:
+        raise argparse.ArgumentTypeError(f"expected a file name ending in {', '.join(IMAGE_OUT_SUFFIXES)}, "
+                                         f"not {text!r}")
+    return path
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The destinations of the flags that `argv` gives explicitly, whatever their values (a flag given its
+    default value counts as given): parsed again with every default suppressed."""
+    saved = {action: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in saved.items():
+            action.default = default
+
+
+def refuse_other_modes(parser: argparse.ArgumentParser, given: set[str], mode: str,
+                       flags_of: dict[str, set[str]]) -> None:
+    """One line from `parser` when a flag that only some modes use (`flags_of`: mode -> destinations) is
+    given with `mode`: it would be silently ignored."""
+    own = flags_of.get(mode, set())
+    for dest in sorted(given - own):
+        modes = [m for m, dests in flags_of.items() if dest in dests]
+        if modes:
+            option = next(a.option_strings[-1] for a in parser._actions if a.dest == dest)
+            parser.error(f"{option} goes with {' or '.join('--' + m.replace('_', '-') for m in modes)}, "
+                         f"not with --{mode.replace('_', '-')}")

@@ -42,6 +42,8 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pipeline import cli  # noqa: E402
+from pipeline.attributes import (ATTRIBUTES, CELEBA_ATTRIBUTES_FILE, AttributeFileError, file_digest,  # noqa: E402
+                                 format_attributes, parse_attributes)
 from pipeline.files import atomic_write, temporary_beside  # noqa: E402
 from pipeline.shards import MANIFEST, SPLITS, manifest_problem, shard_command  # noqa: E402
 
@@ -163,6 +165,25 @@ def read_partition(path: Path) -> tuple[dict[str, str], str]:
     if not table:
         fail(f"{path} lists no files; expected CelebA's '<file name> <0|1|2>' lines")
     return table, hashlib.sha256(raw).hexdigest()
+
+
+def read_attribute_file(path: Path) -> tuple[list[str], dict[str, list[int]]]:
+    """CelebA's list_attr_celeba.txt: (attribute names, {file name: +-1 values})."""
+    try:
+        return parse_attributes(path.read_text(), path)
+    except (OSError, UnicodeDecodeError) as exn:
+        fail(f"cannot read the attribute file {path}: {getattr(exn, 'strerror', None) or exn}; fix or remove it")
+    except AttributeFileError as exn:
+        fail(f"{exn}; fix or remove it")
+
+
+def write_attributes(out: Path, plan, attributes) -> dict:
+    """ATTRIBUTES in the shard folder, the rows of the planned images keyed by sample key; its manifest entry."""
+    names, table = attributes
+    rows = [(sample_key(p), table[p.name]) for _, paths in plan for p in paths if p.name in table]
+    path = atomic_write(out / ATTRIBUTES, format_attributes(names, sorted(rows)).encode())
+    return {"file": ATTRIBUTES, "source": CELEBA_ATTRIBUTES_FILE, "names": names, "images": len(rows),
+            "sha256": file_digest(path)}
 
 
 def hash_split(key: str) -> str:
@@ -498,12 +519,16 @@ def main(argv=None):
 
     files = list_images(args.data_path)
     partition, partition_sha256 = read_partition(args.partition_file) if args.partition_file else (None, None)
+    attributes_file = args.data_path.parent / CELEBA_ATTRIBUTES_FILE  # CelebA's layout: beside the images
+    attributes = read_attribute_file(attributes_file) if attributes_file.is_file() else None
     plan, skipped, renamed = plan_shards(files, partition, args.shard_size, args.seed)
     if not plan:
         reasons = sorted({s["reason"] for s in skipped})
         fail(f"none of the {len(files)} images in {args.data_path} can be sharded: " + "; ".join(reasons[:3]))
     options = {"shard_size": args.shard_size, "seed": args.seed, "quality": args.quality,
                "split_source": f"{PARTITION_FILE} sha256:{partition_sha256}" if partition is not None else "key hash"}
+    if attributes is not None:
+        options["attributes"] = file_digest(attributes_file)
     plan_id = fingerprint(plan, options)
 
     out = args.output_dir
@@ -558,6 +583,8 @@ def main(argv=None):
     }
     if partition is not None:
         manifest["partition_file"] = str(args.partition_file.resolve())
+    if attributes is not None:
+        manifest["attributes"] = write_attributes(out, plan, attributes)
     write_manifest(manifest_path, manifest)
     journal_path.unlink()
     counts = ", ".join(f"{s} {splits[s]['num_samples']}" for s in SPLITS)

@@ -25,6 +25,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from pipeline.attributes import CELEBA_ATTRIBUTES_FILE, format_attributes
+from pipeline.files import atomic_write
+
 W, H = 178, 218
 M = 26  # drawing margin, so shifted/rotated shoulders and hair still fill the frame
 CX, EY = W // 2 + M, 110 + M  # face centre x and eye line, in canvas coordinates
@@ -46,6 +49,11 @@ SKIN_LIGHT, SKIN_DARK = np.array([245, 212, 190]), np.array([88, 56, 38])
 HAIR = [(22, 18, 16), (50, 34, 24), (95, 62, 38), (150, 110, 65), (205, 170, 110),
         (130, 58, 30), (165, 160, 155), (225, 222, 215)]
 HAIR_CDF = np.cumsum([0.28, 0.24, 0.16, 0.1, 0.1, 0.05, 0.05, 0.02])
+# CelebA's names for what the faces draw, in CelebA's order; hair colours by HAIR index (5, auburn, as brown).
+ATTRIBUTE_NAMES = ("Bald", "Black_Hair", "Blond_Hair", "Brown_Hair", "Eyeglasses", "Gray_Hair",
+                   "Mouth_Slightly_Open", "No_Beard", "Smiling", "Wearing_Lipstick")
+HAIR_NAME = ("Black_Hair", "Brown_Hair", "Brown_Hair", "Brown_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair",
+             "Gray_Hair")
 IRIS = [(70, 42, 24), (40, 26, 18), (70, 110, 160), (80, 110, 70), (110, 85, 45), (110, 120, 130)]
 
 
@@ -119,17 +127,19 @@ def _eye(d, x, y, size, iris, lid, look):
     d.arc((x - ew, y - eh - 1, x + ew, y + eh + 1), 190, 350, fill=lid, width=2)
 
 
-def _draw_person(rng) -> Image.Image:
+def _draw_person(rng, drawn: set) -> Image.Image:
     # Opaque fills on a transparent canvas: alpha doubles as the person mask.
     img = Image.new("RGBA", (W + 2 * M, H + 2 * M), (0, 0, 0, 0))
     d = ImageDraw.Draw(img)
     skin = _jitter(rng, SKIN_LIGHT + rng.beta(1.6, 2.6) * (SKIN_DARK - SKIN_LIGHT), 6)
     dark = _shade(skin, 0.78)
-    hair = _jitter(rng, HAIR[np.searchsorted(HAIR_CDF, rng.random() * HAIR_CDF[-1])], 8)
+    hair_index = int(np.searchsorted(HAIR_CDF, rng.random() * HAIR_CDF[-1]))
+    hair = _jitter(rng, HAIR[hair_index], 8)
     ha, hb = rng.uniform(44, 52), rng.uniform(60, 68)
     hcy = EY + rng.uniform(4, 10)
     style = np.searchsorted([0.08, 0.4, 0.65], rng.random())  # bald, short, medium, long
     vol = rng.uniform(3, 9) + 4 * style
+    drawn.add("Bald" if style == 0 else HAIR_NAME[hair_index])
 
     # Clothing and long hair sit behind the neck; the neck behind the head.
     sw = rng.uniform(80, 105)
@@ -148,6 +158,8 @@ def _draw_person(rng) -> Image.Image:
     if beard:  # or stubble: a darker, hair-tinted jaw
         d.chord((CX - ha, hcy - hb, CX + ha, hcy + hb), 22, 158,
                 fill=_mix(_shade(skin, 0.85), _shade(hair, 0.8), rng.uniform(0.2, 0.7)))
+    else:
+        drawn.add("No_Beard")
 
     if style > 0:  # hair cap: outer skull arc, then a curved hairline back across the forehead
         hl, temple, part = EY - rng.uniform(28, 45), EY - rng.uniform(4, 14), rng.uniform(-12, 12)
@@ -181,7 +193,9 @@ def _draw_person(rng) -> Image.Image:
     lip = _mix(skin, (175, 60, 70), 0.45)
     if rng.random() < 0.2 and not beard:  # lipstick
         lip = _jitter(rng, (170, 30, 50), 15)
+        drawn.add("Wearing_Lipstick")
     if mo > 0.55:  # open smile with teeth
+        drawn.update(("Smiling", "Mouth_Slightly_Open"))
         oh = 4 + 6 * (mo - 0.55)
         d.chord((CX - mw, my - oh, CX + mw, my + oh * 1.4), 0, 180, fill=lip)
         d.chord((CX - mw + 2, my - oh + 2, CX + mw - 2, my + oh * 1.2), 0, 180, fill=(60, 20, 25))
@@ -193,6 +207,7 @@ def _draw_person(rng) -> Image.Image:
 
     if rng.random() < 0.07:  # eyeglasses, as in CelebA's Eyeglasses attribute
         frame = _jitter(rng, (30, 30, 30), 20)
+        drawn.add("Eyeglasses")
         for s in (-1, 1):
             d.rounded_rectangle((CX + s * ex - 12, EY - 8, CX + s * ex + 12, EY + 9), 5, None, frame, 2)
         d.line([(CX - ex + 12, EY - 2), (CX + ex - 12, EY - 2)], fill=frame, width=2)
@@ -201,10 +216,16 @@ def _draw_person(rng) -> Image.Image:
 
 def make_face(seed: int, index: int) -> Image.Image:
     """Return face ``index`` of the synthetic set ``seed`` (RGB, 178x218)."""
+    return make_face_and_attributes(seed, index)[0]
+
+
+def make_face_and_attributes(seed: int, index: int) -> tuple[Image.Image, list[int]]:
+    """Face ``index`` of the synthetic set ``seed`` and its attributes: 1 or -1 for each of ATTRIBUTE_NAMES."""
     rng = np.random.default_rng([seed, index])
     flat, frame, out = _scratch()
     img = _background(rng, flat)
-    person = _draw_person(rng)
+    drawn = set()
+    person = _draw_person(rng, drawn)
 
     # Pose: CelebA crops are eye-aligned but not perfectly, so jitter a little.
     ang = math.radians(float(np.clip(rng.normal(0, 3.5), -8, 8)))
@@ -233,42 +254,56 @@ def make_face(seed: int, index: int) -> Image.Image:
     out *= np.repeat((1 + lg * math.cos(la) * _XN[1:-1])[:, None], 3, 1)
     y0, x0 = rng.integers(0, 64, 2)
     out += _NOISE[y0:y0 + H, x0:x0 + W] * rng.uniform(3.0, 6.0)
-    return Image.fromarray(np.clip(out, 0, 255, out=out).astype(np.uint8), "RGB")
+    face = Image.fromarray(np.clip(out, 0, 255, out=out).astype(np.uint8), "RGB")
+    return face, [1 if name in drawn else -1 for name in ATTRIBUTE_NAMES]
 
 
-def _write_one(job) -> None:
+def _write_one(job) -> tuple[int, list[int]]:
+    """Writes one face if its file is missing (else only draws it again for its attributes)."""
     path, seed, index = job
+    face, attributes = make_face_and_attributes(seed, index)
+    if path.exists():
+        return index, attributes
     # Hidden, non-.jpg temp name in the same folder, so os.replace is atomic and
     # an interrupted run leaves no half-written image that globbing *.jpg would find.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        make_face(seed, index).save(tmp, **JPEG_KW)
+        face.save(tmp, **JPEG_KW)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return index, attributes
 
 
 def write_synthetic(out_dir, n: int, seed: int = 0, workers: int | None = None,
                     progress: bool = True) -> list[pathlib.Path]:
-    """Write faces 1..n as ``000001.jpg`` .. into ``out_dir`` and return their paths.
+    """Write faces 1..n as ``000001.jpg`` .. into ``out_dir`` and return their paths,
+    and their attributes as ``list_attr_celeba.txt`` beside ``out_dir``, as CelebA lays them out.
 
     ``{i:06d}.jpg`` is ``make_face(seed, i)``. Files that already exist are kept,
     so an interrupted run resumes where it stopped and any subset can be
-    deleted and regenerated identically.
+    deleted and regenerated identically; their attributes are drawn again.
     """
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{i:06d}.jpg" for i in range(1, n + 1)]
-    todo = [(p, seed, i) for i, p in enumerate(paths, 1) if not p.exists()]
+    jobs = [(p, seed, i) for i, p in enumerate(paths, 1)]
+    attributes = {}
     workers = workers or os.cpu_count() or 1
-    with tqdm(total=n, initial=n - len(todo), desc="synthetic faces", unit="img",
-              disable=not progress) as bar:
-        if workers == 1 or len(todo) < 64:  # a pool costs more than it saves here
-            for job in todo:
-                _write_one(job)
-                bar.update()
+    with tqdm(total=n, desc="synthetic faces", unit="img", disable=not progress) as bar:
+        if workers == 1 or n < 64:  # a pool costs more than it saves here
+            results = map(_write_one, jobs)
         else:
-            with Pool(workers) as pool:
-                for _ in pool.imap_unordered(_write_one, todo, chunksize=32):
-                    bar.update()
+            pool = Pool(workers)
+            results = pool.imap_unordered(_write_one, jobs, chunksize=32)
+        try:
+            for index, values in results:
+                attributes[index] = values
+                bar.update()
+        finally:
+            if workers != 1 and n >= 64:
+                pool.close()
+                pool.join()
+    rows = ((paths[i - 1].name, attributes[i]) for i in range(1, n + 1))
+    atomic_write(out.parent / CELEBA_ATTRIBUTES_FILE, format_attributes(list(ATTRIBUTE_NAMES), rows).encode())
     return paths

@@ -13,6 +13,12 @@ from prep import shard  # noqa: E402
 from prep.synthetic import write_synthetic  # noqa: E402
 
 NUM_FACES = 240
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "flag_effect(script, flag): the test shows the effect of that flag of that "
+                            "script (train.py, prep/shard.py, generate.py)")
+
 SHARD_SIZE = 40
 
 

@@ -237,8 +237,9 @@ def test_both_ranks_hold_the_same_weights(two_ranks):
 def test_rank_zero_alone_writes_the_outputs(two_ranks):
     case, out, probe, log = two_ranks
     assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint.prev.pt", "checkpoint.pt", "curves.png", "generated_samples.png", "interpolations.png",
-        "metrics.jsonl", "reconstructions_epoch1.png", "reconstructions_epoch2.png", "run.json", "vae_celeba.pth"]
+        "attributes.png", "checkpoint.prev.pt", "checkpoint.pt", "curves.png", "generated_samples.png",
+        "generated_samples_gmm.png", "interpolations.png", "metrics.jsonl", "reconstructions_epoch1.png",
+        "reconstructions_epoch2.png", "run.json", "vae_celeba.attributes.pt", "vae_celeba.gmm.pt", "vae_celeba.pth"]
     assert [row["epoch"] for row in metrics(out)] == [1, 2]  # one line per epoch, not one per rank
     assert log.count("wrote ") == 1 and log.count("epoch 2: train loss") == 1
     first = next(line for line in log.splitlines() if line.startswith("device "))

@@ -220,8 +220,8 @@ def test_overwrite_replaces_the_previous_run(tiny, run_dir):
     assert (run_dir / "reconstructions_epoch2.png").exists() and (run_dir / "checkpoint.prev.pt").exists()
     assert train_run(tiny, run_dir, "--epochs", "1", "--overwrite") == 0
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "checkpoint.pt", "curves.png", "generated_samples.png", "interpolations.png", "metrics.jsonl",
-        "reconstructions_epoch1.png", "run.json", "vae_celeba.pth"]
+        "checkpoint.pt", "curves.png", "generated_samples.png", "generated_samples_gmm.png", "interpolations.png",
+        "metrics.jsonl", "reconstructions_epoch1.png", "run.json", "vae_celeba.gmm.pt", "vae_celeba.pth"]
     assert epochs_logged(run_dir) == [1]
     marker = json.loads((run_dir / "run.json").read_text())
     assert marker["pid"] == os.getpid() and marker["settings"]["epochs"] == 1

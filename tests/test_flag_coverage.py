@@ -45,8 +45,6 @@ EXEMPT = {
                                        "reads its shards from the folder it names",
     ("prep/shard.py", "--quiet"): "hides the progress bars; the tests run with it and check the shards",
     ("generate.py", "--help"): "prints the help and exits",
-    ("generate.py", "--out"): "where the picture goes, not what it shows; every generate.py test reads its "
-                              "picture from the file it names",
 }
 
 

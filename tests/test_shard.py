@@ -162,7 +162,9 @@ def test_idx_offsets_and_sizes_point_at_the_member_contents(shards):
 def test_manifest_records_counts_sizes_checksums_and_options(faces_dir, shards):
     manifest = load(shards)
     assert manifest["format"] == "webdataset"
-    assert manifest["options"] == {"shard_size": SHARD_SIZE, "seed": 0, "quality": 95, "split_source": "key hash"}
+    attributes = hashlib.sha256((faces_dir.parent / "list_attr_celeba.txt").read_bytes()).hexdigest()
+    assert manifest["options"] == {"shard_size": SHARD_SIZE, "seed": 0, "quality": 95, "split_source": "key hash",
+                                   "attributes": attributes}  # the synthetic faces' attribute file
     assert manifest["skipped"] == [] and manifest["reencoded"] == []
     assert manifest["source"] == str(faces_dir.resolve())
     n = len(list(faces_dir.glob("*.jpg")))

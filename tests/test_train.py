@@ -301,3 +301,37 @@ def test_tensorboard_without_the_package_is_one_clear_line(shards, tmp_path):
         "error: --tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '.[tensorboard]')"]
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
 
+
+
+def test_the_end_of_training_writes_every_sample_quality_file_and_field(trained):
+    from model import quality
+
+    for name in ("generated_samples_gmm.png", "attributes.png"):
+        with Image.open(trained / name) as im:
+            assert im.format == "PNG"
+    with Image.open(trained / "generated_samples_gmm.png") as im:
+        assert im.size == (8 * 66 + 2, 8 * 66 + 2)  # 64 faces
+    gmm = quality.load_gmm(trained / "vae_celeba.gmm.pt")  # weights_only
+    vectors = quality.load_attribute_vectors(trained / "vae_celeba.attributes.pt")
+    with Image.open(trained / "attributes.png") as im:  # a row per attribute, 7 steps, make_grid's padding
+        assert im.size == (quality.ATTRIBUTE_STEPS * 66 + 2, len(vectors["names"]) * 66 + 2)
+    rows = metrics(trained)
+    last = rows[-1]
+    assert last["gmm_components"] == len(gmm["weights"]) == 10 and last["gmm_converged"] in (True, False)
+    assert last["gmm_codes"] == gmm["codes"] > 100
+    for name in ("prior", "gmm", "reconstructions"):
+        assert last[f"swd_{name}"] > 0 and len(last["swd_levels"][name]) == 3
+    assert last["swd_images"] == last["active_images"] > 10 and last["swd_seed"] == 0 and last["swd_real"] == "val"
+    assert 0 <= last["val_active_units_cov"] <= 128 and 0 <= last["val_active_dims_kl"] <= 128
+    assert last["attribute_names"] == vectors["names"] and "Smiling" in vectors["names"]
+    assert last["quality_seconds"] > 0
+    assert all("swd_prior" not in r for r in rows[:-1])  # the last epoch's row alone
+
+
+def test_without_scikit_learn_or_pot_a_run_still_ends_with_its_weights(shards, tmp_path, monkeypatch, capsys):
+    from model import quality
+
+    monkeypatch.setattr(quality, "missing_packages", lambda: ["scikit-learn", "POT"])
+    assert run(shards, tmp_path, "--epochs", "1", "--cache", "off") == 0
+    assert (tmp_path / "vae_celeba.pth").is_file() and not (tmp_path / "vae_celeba.gmm.pt").exists()
+    assert "note: no GMM, SWD or attribute vectors: pip install scikit-learn POT" in capsys.readouterr().err
