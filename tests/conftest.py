@@ -1,6 +1,7 @@
 """Shared fixtures: a small synthetic face set and its shards, made once per test session."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,3 +72,10 @@ def trained(shards, tmp_path_factory) -> Path:
                                         "--workers", "1", "--epochs", "3", "--cache", "off",
                                         "--no-compile"])) == 0
     return out
+
+
+def copy_shards(shards: Path, dest: Path) -> Path:
+    """A copy of a shard folder that a test may damage or write beside, without the decoded files
+    (decoded-*.u8) that earlier tests' cached runs left there: a run on the copy decodes its shards."""
+    shutil.copytree(shards, dest, ignore=shutil.ignore_patterns("decoded-*"))
+    return dest

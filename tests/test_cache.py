@@ -4,7 +4,6 @@ processes fill it by exchanging shares, and the choice of caching says why.
 Epochs, rank splits, flips and the batch format: tests/test_loader_contract.py, as for every loader.
 """
 
-import shutil
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from pipeline import DataError, build_loader, cache
 from pipeline.cache import CachedLoader, mirror, plan
 from pipeline.shards import rank_samples
 from prep import shard
-from conftest import split_keys
+from conftest import split_keys, copy_shards
 
 BATCH = 16
 
@@ -90,7 +89,7 @@ def test_on_cuda_the_same_ops_give_the_same_batches_without_a_host_sync(shards):
 
 
 def test_a_missing_index_is_named(shards, tmp_path):
-    copy = shutil.copytree(shards, tmp_path / "shards")
+    copy = copy_shards(shards, tmp_path / "shards")
     (copy / "val-000000.idx").unlink()
     with pytest.raises(DataError, match=r"index .*val-000000\.idx of shard .*val-000000\.tar is unreadable"):
         build_loader("cache", copy, "val", BATCH, "cpu")

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import train
 from pipeline import build_loader, cache_file
 from pipeline.cache_file import HEADER_BYTES, IMAGE_BYTES, MAGIC
+from conftest import copy_shards
 
 BATCH = 16
 
@@ -23,7 +24,7 @@ BATCH = 16
 def data(shards, tmp_path):
     """A copy of the shards that a test may write beside (and damage), without the decoded files that
     earlier tests' runs left beside the session's shards."""
-    return shutil.copytree(shards, tmp_path / "shards", ignore=shutil.ignore_patterns("decoded-*"))
+    return copy_shards(shards, tmp_path / "shards")
 
 
 def filled(data, split="val", crop="center", mode="auto"):

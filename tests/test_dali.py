@@ -6,7 +6,6 @@ DALI is imported plainly: CI installs it, so a missing DALI must fail these test
 
 import importlib
 import os
-import shutil
 import sys
 
 import nvidia.dali  # noqa: F401
@@ -19,6 +18,7 @@ import pipeline
 from pipeline import DataError, build_loader
 from pipeline.geometry import crop_box
 from prep import shard
+from conftest import copy_shards
 
 BATCH = 16
 
@@ -26,7 +26,7 @@ BATCH = 16
 @pytest.fixture
 def shard_copy(shards, tmp_path):
     """A copy of the session's shards that a test may damage."""
-    return shutil.copytree(shards, tmp_path / "shards")
+    return copy_shards(shards, tmp_path / "shards")
 
 
 def by_key(loader):

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 import train
-from conftest import split_keys
+from conftest import split_keys, copy_shards
 from model import VAELoss, VariationalAutoEncoder
 from model.step import TrainStep
 from pipeline.shards import epoch_order, rank_samples, split_shards, take
@@ -337,7 +336,7 @@ def test_two_nodes_train_like_two_processes_on_one(probed_runs, shards, tmp_path
 
 
 def test_a_rank_that_cannot_read_its_shard_ends_the_job_with_its_error(shards, tmp_path, launches):
-    data = shutil.copytree(shards, tmp_path / "shards")
+    data = copy_shards(shards, tmp_path / "shards")
     train_shards = split_shards(data, "train")
     order = epoch_order(train_shards, 0, seed=5, shuffle=True)
     total = sum(s.num_samples for s in train_shards)

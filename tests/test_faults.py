@@ -29,7 +29,7 @@ from PIL import Image
 
 import generate
 import train
-from conftest import make_shards
+from conftest import make_shards, copy_shards
 from model import checkpoint
 from prep import shard
 
@@ -317,7 +317,7 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tiny, run_dir, reference, mo
 
 def test_a_damaged_shard_is_one_line_after_the_bar_and_its_hint_repairs_it(tiny, tmp_path, capsys):
     shards = tmp_path / "shards"
-    shutil.copytree(tiny, shards)
+    copy_shards(tiny, shards)
     tar = shards / "train-000000.tar"
     with open(tar, "r+b") as f:  # every image of the shard zeroed, the size unchanged: only decoding can tell
         for row in (shards / "train-000000.idx").read_text().splitlines()[1:]:

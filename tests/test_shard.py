@@ -23,6 +23,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from conftest import copy_shards
 from pipeline.shards import MANIFEST, SPLITS
 from prep import shard
 from prep.synthetic import make_face
@@ -560,9 +561,6 @@ def test_partition_file_of_other_images_is_refused(faces_dir, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- verifying and repairing
-def copy_shards(shards: Path, dest: Path) -> Path:
-    shutil.copytree(shards, dest)
-    return dest
 
 
 @pytest.mark.flag_effect("prep/shard.py", "--verify")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import train
-from conftest import make_shards
+from conftest import make_shards, copy_shards
 from pipeline import ALL_LOADERS, DataError, build_loader
 from pipeline.shards import MANIFEST, Shard, Span, split_shards
 from pipeline.torch_loader import read_spans
@@ -49,7 +49,7 @@ def error_line(err: str) -> str:
 
 def hostile_copy(tiny: Path, dest: Path, field: str, entry: str) -> Path:
     """A copy of `tiny` whose manifest names its first training shard's `field` as `entry`."""
-    shutil.copytree(tiny, dest)
+    copy_shards(tiny, dest)
     manifest = json.loads((dest / MANIFEST).read_text())
     manifest["splits"]["train"]["shards"][0][field] = entry
     (dest / MANIFEST).write_text(json.dumps(manifest))
@@ -107,7 +107,7 @@ def test_entries_that_are_not_plain_file_names_are_refused_in_one_line(tiny, tmp
 def test_a_shard_linked_out_of_its_folder_is_refused(tiny, tmp_path):
     outside = tmp_path / "outside.tar"
     shutil.copy(tiny / "train-000000.tar", outside)
-    shards = shutil.copytree(tiny, tmp_path / "shards")
+    shards = copy_shards(tiny, tmp_path / "shards")
     (shards / "train-000000.tar").unlink()
     (shards / "train-000000.tar").symlink_to(outside)
     with pytest.raises(DataError, match=r"train-000000\.tar is a link to .*outside\.tar, outside the shard folder"):
@@ -118,7 +118,7 @@ def test_a_shard_linked_out_of_its_folder_is_refused(tiny, tmp_path):
 
 
 def test_rebuild_flags_from_the_manifest_are_only_plan_flags(tiny, tmp_path):
-    shards = shutil.copytree(tiny, tmp_path / "shards")
+    shards = copy_shards(tiny, tmp_path / "shards")
     manifest = json.loads((shards / MANIFEST).read_text())
     manifest["rebuild"] += ["--output-dir", "/home"]
     (shards / MANIFEST).write_text(json.dumps(manifest))
