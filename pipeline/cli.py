@@ -1,8 +1,9 @@
-"""What train.py, prep/shard.py and benchmarks/throughput.py share on the command line.
+"""What train.py, generate.py, prep/shard.py and benchmarks/throughput.py share on the command line.
 
 Flag types that refuse bad numbers while the flags are parsed (`--batch-size 0` is one line from
-argparse, not a ZeroDivisionError an hour later), a parser whose errors are one line, and the check
-that a folder can be written into before anything is created in it. It lives in pipeline/ because
+argparse, not a ZeroDivisionError an hour later), a parser whose errors are one line, the help
+formatter, the default worker count, the image suffixes, an exception's first line for one-line
+errors, and the check that a folder can be written into before anything is created in it. It lives in pipeline/ because
 that is the one package all three scripts already import, and it imports nothing heavy: prep/shard.py
 does not pay for torch.
 """
