@@ -58,10 +58,11 @@ from pipeline.shards import load_manifest, split_shards
 
 LOG_EVERY = 25  # steps between host syncs: reading the loss forces the GPU to catch up
 EVAL_BATCH = 1024  # images per evaluation batch served from the resident cache: fewer, larger launches
-# metrics.jsonl's fields that time the run rather than describe the training (the last three only in a
-# run's first line): a resumed run's lines equal an uninterrupted run's but for these.
+# metrics.jsonl's fields that time the run rather than describe the training (compile_s, fill_s and
+# fill_source only in a run's first line, quality_seconds only in its last): a resumed run's lines equal an
+# uninterrupted run's but for these.
 TIMINGS = ("seconds", "images_per_s", "wall_s", "eval_s", "figures_s", "checkpoint_s", "compile_s", "fill_s",
-           "fill_source")
+           "fill_source", "quality_seconds")
 
 # ----------------------------------------------------------------------------- config
 
