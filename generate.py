@@ -37,7 +37,6 @@ from pipeline.geometry import CROPS
 from pipeline.shards import DataError, load_manifest
 from pipeline.torch_loader import decode_resized
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what a folder given to --reconstruct contributes
 MODES = ("samples", "reconstruct", "interpolate", "attribute", "fit_gmm", "evaluate")
 DEFAULT_OUT = {"samples": "samples.png", "reconstruct": "reconstructions.png", "interpolate": "interpolation.png",
                "attribute": "attribute.png"}
@@ -58,20 +57,16 @@ class GenerateError(RuntimeError):
     """Stops with a one-line message for the user rather than a traceback."""
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every flag's default and keeps the module docstring's layout."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The flags; parse_args adds the checks that involve several of them."""
-    p = cli.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--weights", type=Path, default=Path("output/vae_celeba.pth"),
                    help="a state_dict written by train.py (its default --output-dir is output/)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--samples", type=cli.positive_int, default=64, metavar="N",
                       help="decode N faces from --sampler's z (what runs when no other mode is given)")
     mode.add_argument("--reconstruct", nargs="+", type=Path, metavar="FILE|FOLDER",
-                      help="image files, and folders whose .jpg/.jpeg/.png files are taken in name order; "
+                      help=f"image files, and folders whose {'/'.join(cli.IMAGE_SUFFIXES)} files are taken in name order; "
                            "each image over its reconstruction")
     mode.add_argument("--interpolate", nargs=2, type=Path, metavar=("A", "B"),
                       help="two image files: A, decodings along the straight line in z between their posterior "
@@ -110,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", type=Path, default=None, help="--evaluate --fid: the Inception weights "
                    f"file ({quality.INCEPTION_URL.rsplit('/', 1)[1]}); None: torch's hub cache")
     p.add_argument("--out", type=cli.image_path, default=None,
-                   help=f"the picture to write (.png, .jpg); None: "
+                   help=f"the picture to write ({', '.join(cli.IMAGE_SUFFIXES)}); None: "
                         f"{', '.join(f'{v} for --{k}' for k, v in DEFAULT_OUT.items())}")
     p.add_argument("--z-dim", type=cli.positive_int, default=None, help="latent dimensions; must match the weights "
                    "(None: read from them)")
@@ -158,7 +153,7 @@ def load_model(path: Path, z_dim: int | None, device) -> VariationalAutoEncoder:
         model.load_state_dict(state)
     except RuntimeError as exn:
         raise GenerateError(f"{path} does not fit VariationalAutoEncoder(z_dim={found}): "
-                            f"{str(exn).splitlines()[0]}") from exn
+                            f"{cli.first_line(exn)}") from exn
     return model.to(device).eval()
 
 
@@ -167,9 +162,9 @@ def image_files(paths: list[Path], limit: int) -> list[Path]:
     files = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in cli.IMAGE_SUFFIXES and p.is_file())
             if not found:
-                raise GenerateError(f"{path}: no {'/'.join(IMAGE_SUFFIXES)} files in this folder")
+                raise GenerateError(f"{path}: no {'/'.join(cli.IMAGE_SUFFIXES)} files in this folder")
             files += found
         elif path.exists():
             files.append(path)

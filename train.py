@@ -3,9 +3,12 @@
     python train.py --data-path dataset/celeba/shards              # one GPU or the CPU
     torchrun --nproc_per_node 4 train.py --data-path ...            # several GPUs, same flags
 
-Reads top to bottom: config, checkpoints, one epoch of training, evaluation and pictures, then
-main(), the epoch loop. Writes into --output-dir: reconstructions_epoch{n}.png and curves.png
-(every --figures-every epochs and after the last, drawn on a background thread), generated_samples.png and interpolations.png (after training), vae_celeba.pth (a plain
+Reads top to bottom: config, checkpoints, the output folder, each epoch's record and the end of
+training, one epoch of training, evaluation and pictures, the run's setup, then main(), the epoch loop.
+
+Writes into --output-dir (the names are pipeline/run_dir.py's): reconstructions_epoch{n}.png and
+curves.png (every --figures-every epochs and after the last, drawn on a background thread),
+generated_samples.png and interpolations.png (after training), vae_celeba.pth (a plain
 CPU state_dict that `VariationalAutoEncoder(z_dim=128).load_state_dict(torch.load(...))` takes),
 checkpoint.pt and checkpoint.prev.pt (resumable: the newest and the one before, rotated after each
 epoch, or every --checkpoint-every epochs), metrics.jsonl (one line per epoch: the metrics and the
@@ -17,6 +20,8 @@ not write hold its output names.
 
 import argparse
 import concurrent.futures
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -40,38 +45,35 @@ from model import figures, metrics, quality
 from model.checkpoint import (SETTINGS, CheckpointError, CheckpointWriter, checkpoint_state, load_checkpoint, previous,
                               restore_checkpoint, rng_state, save_weights, setting_changes, settings_of)
 from model.step import StaticStep, TrainStep, make_optimizer, resolve_amp, resolve_compile
-from pipeline import CROPS, LOADERS, DataError, build_loader, cli, default_workers, split_size
+from pipeline import CROPS, DALI_INSTALL, LOADERS, DataError, build_loader, cli, default_workers, split_size
 from pipeline import run_dir
 from pipeline.cache import CACHE_MODES, MEMORY_FRACTION, plan as plan_cache
 from pipeline.attributes import shard_attributes
 from pipeline.cache_file import DISK_RESERVE, FILE_MODES
 from pipeline.files import atomic_write
-from pipeline.run_dir import RunDir, RunDirError
+from pipeline.geometry import CROP_SIDE
+from pipeline.run_dir import (CHECKPOINT, CURVES, EPOCH_PICTURE, INTERPOLATIONS, METRICS, RECONSTRUCTIONS, SAMPLES,
+                              WEIGHTS, RunDir, RunDirError)
 from pipeline.shards import load_manifest, split_shards
 
 LOG_EVERY = 25  # steps between host syncs: reading the loss forces the GPU to catch up
 EVAL_BATCH = 1024  # images per evaluation batch served from the resident cache: fewer, larger launches
-CHECKPOINT, WEIGHTS, METRICS = "checkpoint.pt", "vae_celeba.pth", "metrics.jsonl"  # in --output-dir
-# metrics.jsonl's fields that time the run rather than describe the training (compile_s and the fill's
-# only in a run's first line, quality_seconds in its last): a resumed run's lines equal an uninterrupted
-# run's but for these.
+# metrics.jsonl's fields that time the run rather than describe the training (compile_s, fill_s and
+# fill_source only in a run's first line, quality_seconds only in its last): a resumed run's lines equal an
+# uninterrupted run's but for these.
 TIMINGS = ("seconds", "images_per_s", "wall_s", "eval_s", "figures_s", "checkpoint_s", "compile_s", "fill_s",
            "fill_source", "quality_seconds")
 
 # ----------------------------------------------------------------------------- config
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every flag's default and keeps the module docstring's layout."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The flags; parse_args adds the checks that involve several of them."""
-    p = cli.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--data-path", default="dataset/celeba/shards",
                    help="folder with manifest.json and shards written by prep/shard.py")
     p.add_argument("--loader", choices=LOADERS, default="torch",
-                   help="torch: webdataset + DataLoader; dali: NVIDIA DALI pipeline (pip install nvidia-dali-cuda130)")
+                   help=f"torch: webdataset + DataLoader; dali: NVIDIA DALI pipeline ({DALI_INSTALL})")
     p.add_argument("--cache", choices=CACHE_MODES, default="auto",
                    help="decode the train and val images once, with --loader, into one tensor in GPU memory (CUDA) "
                    "or RAM, and serve every epoch from it. auto: when the train split fits in "
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "sum, so 1.0 collapses to one average face")
     p.add_argument("--z-dim", type=cli.positive_int, default=128, help="latent dimensions")
     p.add_argument("-j", "--workers", type=cli.count, default=default_workers(),
-                   help="loader processes (torch) or threads (dali); the default is min(8, CPU cores - 1), at least 1")
+                   help=f"loader processes (torch) or threads (dali); the default is {cli.workers_rule()}")
     p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (CUDA when present); "
                    "under torchrun, CUDA is cuda:LOCAL_RANK for each process")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision: auto is "
@@ -104,25 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step; None: on for CUDA and for bf16 on a CPU (with a C++ compiler), "
                    "off for fp32 on a CPU, where it gained too little (benchmarks/RESULTS.md)")
-    p.add_argument("--crop", choices=CROPS, default="center", help="center: the usual 148x148 CelebA-64 crop; "
+    p.add_argument("--crop", choices=CROPS, default="center", help=f"center: the usual {CROP_SIDE}x{CROP_SIDE} CelebA-64 crop; "
                    "none: squash the whole 178x218 frame like the original seed code")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips of training images")
     p.add_argument("--output-dir", default="output", help="where images, weights and logs go")
     previous_run = p.add_mutually_exclusive_group()
     previous_run.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
-                              help="continue from a checkpoint (given without a path: OUTPUT_DIR/checkpoint.pt, "
-                                   "or checkpoint.prev.pt when that one is damaged)")
+                              help=f"continue from a checkpoint (given without a path: OUTPUT_DIR/{CHECKPOINT}, "
+                                   f"or {previous(Path(CHECKPOINT)).name} when that one is damaged)")
     previous_run.add_argument("--overwrite", action="store_true",
                               help="start over in an --output-dir that holds a previous run, deleting the files its "
-                                   "run.json lists (never files train.py did not write)")
+                                   f"{run_dir.MARKER} lists (never files train.py did not write)")
     p.add_argument("--resume-force", action="store_true",
                    help="--resume even when settings that change the result (" +
                         ", ".join(flag for key, flag in SETTINGS.items() if key != "z_dim") +
                         "; --amp and --compile as resolved on this machine) differ from the checkpoint's; "
                         "never for --z-dim, which sets the weights' shape")
     p.add_argument("--checkpoint-every", type=cli.positive_int, default=1, metavar="N",
-                   help="write checkpoint.pt after every Nth epoch, and always after the last; a crash or Ctrl-C "
+                   help=f"write {CHECKPOINT} after every Nth epoch, and always after the last; a crash or Ctrl-C "
                         "then loses up to N-1 epochs")
     p.add_argument("--seed", type=cli.seed, default=0, help="seed for weights, data order, flips and sampling")
     p.add_argument("--threads", type=cli.positive_int, default=None, help="CPU threads per process; None: torch's default "
@@ -136,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "off until a GPU run has compared the graphed step's weights with the ordinary step's (a graph "
                    "replays fixed memory and can go wrong silently); on: graph when it can, else say why in one line "
                    "and run the same step uncaptured")
-    p.add_argument("--figures-every", type=cli.positive_int, default=1, help="draw reconstructions_epochN.png and "
-                   "curves.png every N epochs (and always after the last), on a background thread")
-    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs to OUTPUT_DIR/tb: "
+    p.add_argument("--figures-every", type=cli.positive_int, default=1, help=f"draw {RECONSTRUCTIONS.format(epoch='N')} and "
+                   f"{CURVES} every N epochs (and always after the last), on a background thread")
+    p.add_argument("--tensorboard", action="store_true", help=f"also write TensorBoard logs to OUTPUT_DIR/{run_dir.TB}: "
                    f"training scalars every {LOG_EVERY} steps, validation figures and reconstructions each epoch "
                    "(pip install tensorboard)")
     return p
@@ -266,9 +268,8 @@ def checkpoint_due(epoch: int, args) -> bool:
 # ----------------------------------------------------------------------------- the output folder
 
 DAMAGED = f"{CHECKPOINT}.damaged"
-RUN_OUTPUTS = (CHECKPOINT, previous(Path(CHECKPOINT)).name, METRICS, "curves.png", WEIGHTS, "generated_samples.png",
-               "interpolations.png", *quality.outputs(WEIGHTS))  # listed in run.json when a run starts; the
-EPOCH_PICTURE = re.compile(r"^reconstructions_epoch[1-9][0-9]*\.png$")  # pictures of each epoch as written
+RUN_OUTPUTS = (CHECKPOINT, previous(Path(CHECKPOINT)).name, METRICS, CURVES, WEIGHTS, SAMPLES, INTERPOLATIONS,
+               *quality.outputs(WEIGHTS))  # listed in run.json when a run starts; EPOCH_PICTURE's as written
 
 
 def is_output(name: str) -> bool:
@@ -393,6 +394,185 @@ def write_failure(exn: OSError, args, last_good: tuple[Path, int] | None) -> Tra
 
 class Diverged(TrainingError):
     """The loss stopped being finite; main() adds what is kept and what to run."""
+
+
+# ----------------------------------------------------------------------------- each epoch's record, the end
+
+
+@dataclasses.dataclass
+class RunState:
+    """What start_run() sets up and the epoch loop, its writes and the end of training read: the model and
+    its step, the loaders, where the run resumed from, and (rank 0 only; None on the others) the output
+    folder, the checkpoint writer, TensorBoard's writer, the picture drawer and the metrics so far."""
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world_size: int
+    raw_model: VariationalAutoEncoder
+    optimizer: torch.optim.Optimizer
+    train_step: TrainStep
+    stepper: object  # what trains: train_step, or a StaticStep around it (--cuda-graph)
+    eval_sums: object
+    train_loader: object
+    val_loader: object
+    preview: torch.Tensor  # the same faces every epoch, so reconstructions compare
+    start_epoch: int = 0
+    resumed_from: Path | None = None
+    first_row: dict = dataclasses.field(default_factory=dict)  # fields of the first metrics line this run writes
+    folder: RunDir | None = None
+    checkpoints: CheckpointWriter | None = None
+    writer: object = None
+    drawer: object = None  # a Drawer
+    history: list = dataclasses.field(default_factory=list)
+    started: float = 0.0  # perf_counter at the run's start, less the wall time of the epochs resumed from
+    checkpoint_s: float = 0.0  # the training thread's time in the last checkpoint, which the next row reports
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    def last_good(self) -> tuple[Path, int] | None:
+        return last_good(self.checkpoints, self.out_dir, self.resumed_from, self.start_epoch)
+
+    def log_step(self):
+        """train_one_epoch's `log`: training scalars to TensorBoard, or None without it."""
+        if self.writer is None:
+            return None
+
+        def log(step, means):
+            for k, v in means.items():
+                self.writer.add_scalar(f"train_step/{k}", v, step)
+        return log
+
+
+def last_good(checkpoints: CheckpointWriter | None, out_dir: Path, resumed_from: Path | None,
+              start_epoch: int) -> tuple[Path, int] | None:
+    """(checkpoint, epoch) of the newest whole checkpoint on disk, once writes have ended."""
+    if checkpoints is not None:
+        checkpoints.wait()
+        if checkpoints.saved is not None:
+            return out_dir / CHECKPOINT, checkpoints.saved
+    return (resumed_from, start_epoch) if resumed_from else None
+
+
+def epoch_pictures(run: RunState, epoch: int) -> tuple[torch.Tensor | None, float]:
+    """This epoch's reconstruction grid, launched on the training thread (None on epochs that draw nothing:
+    every --figures-every, and the last), and the seconds it took."""
+    clock = time.perf_counter()
+    draw = (epoch + 1) % run.args.figures_every == 0 or epoch + 1 == run.args.epochs
+    grid = reconstructions(run.raw_model, run.preview, run.train_step) if draw else None
+    return grid, time.perf_counter() - clock
+
+
+def epoch_record(run: RunState, epoch: int, train: dict, val: dict, eval_s: float, figures_s: float) -> dict:
+    """The epoch's metrics.jsonl line: the train and val figures, the learning rate and the timings."""
+    return {"epoch": epoch + 1,
+            **{f"train_{k}": train[k] for k in VAELoss._fields},
+            **{f"val_{k}": v for k, v in val.items()},
+            "train_bits_per_dim": VAELoss.bits_per_dim(train["neg_elbo"]),
+            "val_bits_per_dim": VAELoss.bits_per_dim(val["neg_elbo"]),
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "images_per_s": train["images_per_s"], "seconds": train["seconds"],
+            "eval_s": eval_s, "figures_s": figures_s, "checkpoint_s": run.checkpoint_s,
+            **(run.first_row if epoch == run.start_epoch else {}),
+            "wall_s": time.perf_counter() - run.started}
+
+
+def write_epoch(run: RunState, epoch: int, record: dict, grid: torch.Tensor | None, rng: list | None) -> None:
+    """The epoch's writes, in this order: metrics.jsonl, its pictures (drawn in the background; the last
+    epoch's awaited), the checkpoint (when `rng`, every rank's random state, says one is due), TensorBoard.
+
+    The checkpoint last: an epoch it holds has its metrics line (a resume drops the lines of epochs past
+    the checkpoint). It is copied here and written by a thread."""
+    args, out_dir = run.args, run.out_dir
+    run.history.append(record)
+    try:
+        run.checkpoints.raise_failure()  # the previous epoch's write, if it failed
+        write_metrics(out_dir / METRICS, run.history)
+        if grid is not None:
+            picture = RECONSTRUCTIONS.format(epoch=epoch + 1)
+            run.folder.claim(picture)
+            run.drawer.submit(draw_epoch, grid, list(run.history), out_dir / picture, out_dir / CURVES,
+                              run.writer, epoch + 1)
+        if epoch + 1 == args.epochs:
+            run.drawer.check(wait=True)  # the last pictures before the run's last checkpoint
+        clock = time.perf_counter()
+        if rng is not None:
+            run.checkpoints.save(checkpoint_state(run.raw_model, run.optimizer, run.train_step.scaler, epoch + 1,
+                                                  saved_args(args), run.world_size, rng))
+        run.checkpoint_s = time.perf_counter() - clock
+    except OSError as exn:
+        raise write_failure(exn, args, run.last_good()) from None
+    if run.writer is not None:
+        for k, v in record.items():
+            if k != "epoch" and not isinstance(v, dict):
+                run.writer.add_scalar(f"epoch/{k}", v, epoch + 1)
+        run.writer.flush()
+
+
+def print_epoch(record: dict, z_dim: int) -> None:
+    print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} | val loss {record['val_loss']:.4f}, "
+          f"{record['val_bits_per_dim']:.3f} bits/dim, PSNR {record['val_psnr']:.2f} dB, "
+          f"{record['val_active_dims']}/{z_dim} active dims | {record['images_per_s']:.0f} img/s")
+
+
+def interrupted(run: RunState, epoch: int) -> int:
+    """Ctrl-C during the epochs: the pictures of the epochs done finished, the checkpoint being written
+    whole, what to run next on stderr; 130."""
+    if run.master:
+        run.drawer.close(check=False)  # the pictures of the epochs done are finished, not cut short
+        print(f"\ninterrupted in epoch {epoch + 1}; {next_step(run.args, run.last_good(), start_over=True)}",
+              file=sys.stderr)
+    if run.writer is not None:
+        run.writer.close()
+    if run.folder is not None:
+        run.folder.close()
+    return 130
+
+
+def diverged(run: RunState, exn: Diverged) -> TrainingError:
+    """A loss that stopped being finite, as the error that says what is kept and how to go on."""
+    lower = ("--lr", f"{run.args.lr / 10:g}")
+    kept = run.last_good()
+    if run.folder is not None:
+        run.folder.close()
+    return TrainingError(f"{exn}. {next_step(run.args, kept, True, ('--resume-force', *lower) if kept else lower)} "
+                         f"(a tenth of the learning rate; or --amp off where mixed precision is on)")
+
+
+def finish_run(run: RunState) -> None:
+    """After the last epoch, on rank 0: the samples, the interpolations, the quality figures, and the
+    weights last, which mark a finished run; then the list of what was written."""
+    if not run.master:
+        return
+    args, out_dir, model = run.args, run.out_dir, run.raw_model
+    run.drawer.close()  # its last error, if any, stops the run before the weights mark it finished
+    try:  # the weights last: they mark a finished run
+        run.checkpoints.raise_failure()
+        samples = save_samples(model, args.z_dim, args.seed, run.device, out_dir / SAMPLES)
+        lines = save_interpolations(model, run.preview, run.train_step, out_dir / INTERPOLATIONS)
+        quality_files = finish_quality(model, run.train_loader, run.val_loader, run.preview, run.train_step, args,
+                                       out_dir)
+        save_weights(out_dir / WEIGHTS, model)
+    except OSError as exn:
+        run.folder.close()
+        raise write_failure(exn, args, run.last_good()) from None
+    if run.writer is not None:
+        run.writer.add_image("generated_samples", samples, args.epochs)
+        if lines is not None:
+            run.writer.add_image("interpolations", lines, args.epochs)
+        run.writer.close()
+    written = [WEIGHTS, SAMPLES] + ([INTERPOLATIONS] if lines is not None else []) + quality_files
+    print(f"wrote {', '.join(str(out_dir / name) for name in written)}")
+    run.folder.close()
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -697,7 +877,7 @@ def finish_quality(model, train_loader, val_loader, preview, train_step, args, o
     return written
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- setup, and main
 
 
 def build_loaders(args, device, rank: int, world_size: int, cached=(), **options):
@@ -723,207 +903,168 @@ def build_loaders(args, device, rank: int, world_size: int, cached=(), **options
     return loader("train"), loader("val")
 
 
-def main(args):
-    device, rank, world_size = setup_device(args)
-    ddp, master = world_size > 1, rank == 0
-    amp, amp_why = resolve_amp(args.amp, device)
-    use_compile, compile_why = resolve_compile(args.compile, device, amp)
-    args.amp, args.compile = amp, use_compile  # saved and checked on --resume as resolved, not as "auto"
-    out_dir = Path(args.output_dir)
-    marker = check_output_dir(args)  # creates nothing: a run that stops on a bad flag or path leaves no trace
-    summary_writer = tensorboard_writer() if args.tensorboard else None
-    resumed = resume_state(args, world_size, master) if args.resume else None
-    if args.resume and resumed is None:
-        if ddp:
-            dist.destroy_process_group()
-        return 0
-    seed_everything(args.seed)
+def describe_setup(args, device, rank: int, world_size: int, amp_why: str, compile_why: str) -> None:
+    """The first line of a run, on rank 0: what runs where, and why where it was chosen for the user
+    (a collective under torchrun: every rank's thread count)."""
+    ddp = world_size > 1
     threads = [torch.get_num_threads()] * world_size
     if ddp:
         dist.all_gather_object(threads, threads[rank])
-    if master:  # the first line of a run: what runs where, and why where it was chosen for the user
+    if rank == 0:
         uses = f"CPU threads {threads[0]}"
         if ddp:
             each = f"{threads[0]} per process" if len(set(threads)) == 1 else f"{threads} by rank"
             uses = f"{world_size} processes ({dist.get_backend()}), CPU threads {each}"
-        print(f"device {device} | amp {amp} ({amp_why}) | compile {'on' if use_compile else 'off'} ({compile_why}) | "
-              f"channels_last {'on' if args.channels_last else 'off'} | {uses}")
+        print(f"device {device} | amp {args.amp} ({amp_why}) | compile {'on' if args.compile else 'off'} "
+              f"({compile_why}) | channels_last {'on' if args.channels_last else 'off'} | {uses}")
 
-    # ------------------------------------------------------------------------- data
+
+def build_data(args, device, rank: int, world_size: int, resumed):
+    """(train loader, val loader, the preview faces, the splits in the resident cache): the cache plan, said on rank 0,
+    and this rank's loaders; a TrainingError when the train split holds less than one batch."""
+    master = rank == 0
     done, resumed_cache = (resumed[0]["epoch"], resumed[0]["args"].get("cache")) if resumed else (0, None)
     sizes = {split: split_size(args.data_path, split) for split in ("train", "val")}
     cached, why = plan_cache(args.cache, sizes, device, args.epochs - done, resumed_cache, args.loader)
     args.cache = "on" if "train" in cached else "off"  # saved in the checkpoint: a resume keeps the data order
     if master:
         print(why)
-
     train_loader, val_loader = build_loaders(args, device, rank, world_size, cached)
     if len(train_loader) == 0:
         images = sum(s.num_samples for s in split_shards(args.data_path, "train")) // world_size
         raise TrainingError(f"{args.data_path}: the train split has {images} images"
-                            f"{' per process' if ddp else ''}, fewer than one batch of {args.batch_size}; "
+                            f"{' per process' if world_size > 1 else ''}, fewer than one batch of {args.batch_size}; "
                             f"lower --batch-size to at most {images}, or add images")
     preview = next(iter(val_loader))[:16]  # the same faces every epoch, so reconstructions compare
+    return train_loader, val_loader, preview, cached
 
-    # ------------------------------------------------------------------------- model
+
+def build_model(args, device, rank: int, world_size: int, train_loader, val_loader, preview) -> RunState:
+    """The model (wrapped for DDP under torchrun), Adam, the training step and evaluation's sums."""
     raw_model = VariationalAutoEncoder(z_dim=args.z_dim).to(
         device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    model = DistributedDataParallel(raw_model) if ddp else raw_model
+    model = DistributedDataParallel(raw_model) if world_size > 1 else raw_model
     optimizer = make_optimizer(raw_model.parameters(), args.lr, device)
-    train_step = TrainStep(model, optimizer, device, amp=amp, channels_last=args.channels_last,
-                           compile=use_compile, beta=args.beta)
-    eval_sums = evaluation_sums(raw_model, train_step, args.beta, compile=use_compile)
-    # The weights above are the same on every rank; the reparameterisation noise is each rank's own.
-    torch.manual_seed(args.seed + rank)
+    train_step = TrainStep(model, optimizer, device, amp=args.amp, channels_last=args.channels_last,
+                           compile=args.compile, beta=args.beta)
+    eval_sums = evaluation_sums(raw_model, train_step, args.beta, compile=args.compile)
+    return RunState(args, device, rank, world_size, raw_model, optimizer, train_step, train_step, eval_sums,
+                    train_loader, val_loader, preview)
 
-    start_epoch, resumed_from, damaged = 0, None, None
-    if resumed:
-        state, resumed_from, damaged = resumed.state, resumed.source, resumed.damaged
-        start_epoch = restore_checkpoint(state, raw_model, optimizer, train_step.scaler, device, args.lr, rank,
-                                         args.seed)
-        del state, resumed  # the tensors are in the model and optimizer now
-        if master:
-            print(f"resumed from {resumed_from} after epoch {start_epoch}")
+
+def restore(run: RunState, resumed) -> None:
+    """Loads the checkpoint --resume named into the model, Adam and the scaler; sets where the run starts."""
+    state, run.resumed_from = resumed.state, resumed.source
+    run.start_epoch = restore_checkpoint(state, run.raw_model, run.optimizer, run.train_step.scaler, run.device,
+                                         run.args.lr, run.rank, run.args.seed)
+    if run.master:
+        print(f"resumed from {run.resumed_from} after epoch {run.start_epoch}")
+
+
+def choose_stepper(run: RunState, cached) -> None:
+    """--cuda-graph, after the checkpoint is restored (a graph holds the addresses of the weights and
+    Adam's state), and the first metrics line's fill and warm-up times."""
+    args, master = run.args, run.master
     if master:
-        print(f"{args.loader} loader: {train_loader.num_samples * world_size} training images per epoch, "
-              f"{len(train_loader)} steps of {args.batch_size} x {world_size}")
-    # After the checkpoint is restored: a graph holds the addresses of the weights and Adam's state.
-    static, line = choose_step(args.cuda_graph, train_step, train_loader, "train" in cached, ddp,
+        print(f"{args.loader} loader: {run.train_loader.num_samples * run.world_size} training images per epoch, "
+              f"{len(run.train_loader)} steps of {args.batch_size} x {run.world_size}")
+    static, line = choose_step(args.cuda_graph, run.train_step, run.train_loader, "train" in cached, run.ddp,
                                report=print if master else lambda line: None)
     if master and line:
         print(line)
-    stepper = static or train_step
-    caches = {split: made.cache for split, made in (("train", train_loader), ("val", val_loader))
+    run.stepper = static or run.train_step
+    caches = {split: made.cache for split, made in (("train", run.train_loader), ("val", run.val_loader))
               if hasattr(made, "cache")}
-    first_row = {"fill_s": {split: cache.seconds for split, cache in caches.items()},
-                 "fill_source": {split: getattr(cache, "source", "decoded") for split, cache in caches.items()}}
+    run.first_row = {"fill_s": {split: cache.seconds for split, cache in caches.items()},
+                     "fill_source": {split: getattr(cache, "source", "decoded") for split, cache in caches.items()}}
     if static is not None and static.compile_seconds is not None:
-        first_row["compile_s"] = static.compile_seconds  # the warm-up steps (and capture) before epoch 1
+        run.first_row["compile_s"] = static.compile_seconds  # the warm-up steps (and capture) before epoch 1
 
-    # ------------------------------------------------------------------------- the loop
-    folder = prepare_output_dir(args, marker, start_epoch, damaged) if master else None
-    checkpoints = CheckpointWriter(out_dir / CHECKPOINT) if master else None
 
-    def last_good():  # (checkpoint, epoch) of the newest whole checkpoint on disk, once writes have ended
-        if checkpoints is not None:
-            checkpoints.wait()
-            if checkpoints.saved is not None:
-                return out_dir / CHECKPOINT, checkpoints.saved
-        return (resumed_from, start_epoch) if resumed_from else None
-    writer = open_tensorboard(summary_writer, folder) if summary_writer and master else None
-    drawer = Drawer(args, last_good) if master else None
+def open_outputs(run: RunState, marker, damaged, summary_writer) -> None:
+    """On rank 0, right before the first epoch: the output folder, the checkpoint writer, TensorBoard's
+    writer, the drawer, and the metrics of the epochs resumed from (curves and wall time continue)."""
+    if not run.master:
+        return
+    args, out_dir = run.args, run.out_dir
+    run.folder = prepare_output_dir(args, marker, run.start_epoch, damaged)
+    run.checkpoints = CheckpointWriter(out_dir / CHECKPOINT)
+    run.writer = open_tensorboard(summary_writer, run.folder) if summary_writer else None
+    # Not run.last_good: the drawer would hold the run, which holds it, and a cycle outlives main(), the
+    # loaders' worker processes with it (and their copy of the folder's lock).
+    run.drawer = Drawer(args, functools.partial(last_good, run.checkpoints, out_dir, run.resumed_from,
+                                                run.start_epoch))
+    run.history = read_history(out_dir / METRICS, run.start_epoch) if run.start_epoch else []
+    run.started = time.perf_counter() - (run.history[-1].get("wall_s", 0.0) if run.history else 0.0)
 
-    def log_step(step, means):
-        for k, v in means.items():
-            writer.add_scalar(f"train_step/{k}", v, step)
-    # Curves and wall time continue across --resume from the rows already written.
-    history = read_history(out_dir / METRICS, start_epoch) if master and start_epoch else []
-    started = time.perf_counter() - (history[-1].get("wall_s", 0.0) if history else 0.0)
-    epoch = start_epoch
-    checkpoint_s = 0.0  # the training thread's time in the last checkpoint, which the next row reports
+
+def start_run(args) -> RunState | None:
+    """Everything before the first epoch, in order: the device, AMP and compile; the output folder's and
+    --resume's checks (which create nothing); the data; the model; the checkpoint; the step; the outputs.
+    None when --resume names a run that is already complete."""
+    device, rank, world_size = setup_device(args)
+    amp, amp_why = resolve_amp(args.amp, device)
+    use_compile, compile_why = resolve_compile(args.compile, device, amp)
+    args.amp, args.compile = amp, use_compile  # saved and checked on --resume as resolved, not as "auto"
+    marker = check_output_dir(args)  # creates nothing: a run that stops on a bad flag or path leaves no trace
+    summary_writer = tensorboard_writer() if args.tensorboard else None
+    resumed = resume_state(args, world_size, rank == 0) if args.resume else None
+    if args.resume and resumed is None:
+        if world_size > 1:
+            dist.destroy_process_group()
+        return None
+    seed_everything(args.seed)
+    describe_setup(args, device, rank, world_size, amp_why, compile_why)
+    train_loader, val_loader, preview, cached = build_data(args, device, rank, world_size, resumed)
+    run = build_model(args, device, rank, world_size, train_loader, val_loader, preview)
+    # The weights above are the same on every rank; the reparameterisation noise is each rank's own.
+    torch.manual_seed(args.seed + rank)
+    damaged = None
+    if resumed:
+        damaged = resumed.damaged
+        restore(run, resumed)
+        del resumed  # the tensors are in the model and optimizer now
+    choose_stepper(run, cached)
+    open_outputs(run, marker, damaged, summary_writer)
+    return run
+
+
+def main(args):
+    run = start_run(args)
+    if run is None:  # --resume of a finished run: nothing to do
+        return 0
+    epoch = run.start_epoch
     try:
-        for epoch in range(start_epoch, args.epochs):
-            train_loader.set_epoch(epoch)
-            train = train_one_epoch(stepper, train_loader, epoch, args, world_size, out_dir, show=master,
-                                    log=log_step if writer is not None else None)
+        for epoch in range(run.start_epoch, args.epochs):
+            run.train_loader.set_epoch(epoch)
+            train = train_one_epoch(run.stepper, run.train_loader, epoch, args, run.world_size, run.out_dir,
+                                    show=run.master, log=run.log_step())
             clock = time.perf_counter()
-            val = evaluate(raw_model, val_loader, train_step, args.beta, eval_sums)
+            val = evaluate(run.raw_model, run.val_loader, run.train_step, args.beta, run.eval_sums)
             eval_s = time.perf_counter() - clock
-            rng = all_rng_states(device, world_size) if checkpoint_due(epoch, args) else None
-            if master:
-                drawer.check()  # the previous epoch's pictures, drawn meanwhile
-                clock = time.perf_counter()
-                draw = (epoch + 1) % args.figures_every == 0 or epoch + 1 == args.epochs
-                grid = reconstructions(raw_model, preview, train_step) if draw else None
-                figures_s = time.perf_counter() - clock
-                record = {"epoch": epoch + 1,
-                          **{f"train_{k}": train[k] for k in VAELoss._fields},
-                          **{f"val_{k}": v for k, v in val.items()},
-                          "train_bits_per_dim": VAELoss.bits_per_dim(train["neg_elbo"]),
-                          "val_bits_per_dim": VAELoss.bits_per_dim(val["neg_elbo"]),
-                          "lr": optimizer.param_groups[0]["lr"],
-                          "images_per_s": train["images_per_s"], "seconds": train["seconds"],
-                          "eval_s": eval_s, "figures_s": figures_s, "checkpoint_s": checkpoint_s,
-                          **(first_row if epoch == start_epoch else {}),
-                          "wall_s": time.perf_counter() - started}
-                history.append(record)
-                # The checkpoint last: an epoch it holds has its metrics line (a resume drops the lines of
-                # epochs past the checkpoint); its pictures are drawn meanwhile, in the background. It is
-                # copied here and written by a thread.
-                try:
-                    checkpoints.raise_failure()  # the previous epoch's write, if it failed
-                    write_metrics(out_dir / METRICS, history)
-                    if draw:
-                        picture = f"reconstructions_epoch{epoch + 1}.png"
-                        folder.claim(picture)
-                        drawer.submit(draw_epoch, grid, list(history), out_dir / picture, out_dir / "curves.png",
-                                      writer, epoch + 1)
-                    if epoch + 1 == args.epochs:
-                        drawer.check(wait=True)  # the last pictures before the run's last checkpoint
-                    clock = time.perf_counter()
-                    if rng is not None:
-                        checkpoints.save(checkpoint_state(raw_model, optimizer, train_step.scaler, epoch + 1,
-                                                          saved_args(args), world_size, rng))
-                    checkpoint_s = time.perf_counter() - clock
-                except OSError as exn:
-                    raise write_failure(exn, args, last_good()) from None
-                if writer is not None:
-                    for k, v in record.items():
-                        if k != "epoch" and not isinstance(v, dict):
-                            writer.add_scalar(f"epoch/{k}", v, epoch + 1)
-                    writer.flush()
-                print(f"epoch {epoch + 1}: train loss {train['loss']:.4f} | val loss {val['loss']:.4f}, "
-                      f"{record['val_bits_per_dim']:.3f} bits/dim, PSNR {val['psnr']:.2f} dB, "
-                      f"{val['active_dims']}/{args.z_dim} active dims | {record['images_per_s']:.0f} img/s")
+            rng = all_rng_states(run.device, run.world_size) if checkpoint_due(epoch, args) else None
+            if run.master:
+                run.drawer.check()  # the previous epoch's pictures, drawn meanwhile
+                grid, figures_s = epoch_pictures(run, epoch)
+                record = epoch_record(run, epoch, train, val, eval_s, figures_s)
+                write_epoch(run, epoch, record, grid, rng)
+                print_epoch(record, args.z_dim)
     except KeyboardInterrupt:
-        if master:  # after the checkpoint being written, if any, is whole
-            drawer.close(check=False)  # the pictures of the epochs done are finished, not cut short
-            print(f"\ninterrupted in epoch {epoch + 1}; {next_step(args, last_good(), start_over=True)}",
-                  file=sys.stderr)
-        if writer is not None:
-            writer.close()
-        if folder is not None:
-            folder.close()
-        return 130
+        return interrupted(run, epoch)  # after the checkpoint being written, if any, is whole
     except Diverged as exn:
-        lower = ("--lr", f"{args.lr / 10:g}")
-        kept = last_good()
-        if folder is not None:
-            folder.close()
-        raise TrainingError(f"{exn}. {next_step(args, kept, True, ('--resume-force', *lower) if kept else lower)} "
-                            f"(a tenth of the learning rate; or --amp off where mixed precision is on)") from None
+        raise diverged(run, exn) from None
     except BaseException:  # the folder is free for the command that the error message prints
-        if folder is not None:
-            checkpoints.wait()
-            folder.close()
+        if run.folder is not None:
+            run.checkpoints.wait()
+            run.folder.close()
         raise
     finally:
-        if checkpoints is not None:
-            checkpoints.wait()  # Ctrl-C, an error or the end: the checkpoint being written is finished first
-        if drawer is not None:
-            drawer.pool.shutdown(wait=True)  # whatever stopped the loop, no picture is left half written
-
-    if master:
-        drawer.close()  # its last error, if any, stops the run before the weights mark it finished
-        try:  # the weights last: they mark a finished run
-            checkpoints.raise_failure()
-            samples = save_samples(raw_model, args.z_dim, args.seed, device, out_dir / "generated_samples.png")
-            lines = save_interpolations(raw_model, preview, train_step, out_dir / "interpolations.png")
-            quality_files = finish_quality(raw_model, train_loader, val_loader, preview, train_step, args, out_dir)
-            save_weights(out_dir / WEIGHTS, raw_model)
-        except OSError as exn:
-            folder.close()
-            raise write_failure(exn, args, last_good()) from None
-        if writer is not None:
-            writer.add_image("generated_samples", samples, args.epochs)
-            if lines is not None:
-                writer.add_image("interpolations", lines, args.epochs)
-            writer.close()
-        written = [WEIGHTS, "generated_samples.png"] + (["interpolations.png"] if lines is not None else []) \
-            + quality_files
-        print(f"wrote {', '.join(str(out_dir / name) for name in written)}")
-        folder.close()
-    if ddp:
+        if run.checkpoints is not None:
+            run.checkpoints.wait()  # Ctrl-C, an error or the end: the checkpoint being written is finished first
+        if run.drawer is not None:
+            run.drawer.pool.shutdown(wait=True)  # whatever stopped the loop, no picture is left half written
+    finish_run(run)
+    if run.ddp:
         dist.destroy_process_group()
     return 0
 
@@ -932,7 +1073,7 @@ def lost_contact(exn: Exception) -> str | None:
     """Why a collective failed, in one line, when it failed because another rank died or stopped answering."""
     if not dist.is_initialized() or not (isinstance(exn, dist.DistError) or "gloo/transport" in str(exn)):
         return None
-    first = re.sub(r"^\[[^\]]*\]\s*", "", str(exn).strip().splitlines()[0])  # gloo's "[source.cc:line] "
+    first = re.sub(r"^\[[^\]]*\]\s*", "", cli.first_line(exn))  # gloo's "[source.cc:line] "
     return first.split(". ")[0]
 
 

@@ -58,7 +58,7 @@ from tqdm import tqdm  # noqa: E402
 
 from model import CLAMP_EPS, VariationalAutoEncoder  # noqa: E402
 from model.step import TrainStep, make_optimizer, resolve_amp, resolve_compile  # noqa: E402
-from pipeline import build_loader, cli, default_workers  # noqa: E402
+from pipeline import DALI_INSTALL, build_loader, cli, default_workers  # noqa: E402
 from pipeline.files import atomic_write  # noqa: E402
 
 CELEBA_TRAIN = 162_770
@@ -78,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("-b", "--batch-size", type=cli.positive_int, default=128, help="images per batch (default: 128, the seed's)")
     p.add_argument("-j", "--workers", type=cli.count, default=default_workers(),
                    help="loader processes (seed, torch) or threads (dali), the same for all (default: train.py's, "
-                        f"{default_workers()} here)")
+                        f"{cli.workers_rule()}: {default_workers()} here)")
     p.add_argument("--loaders", default=",".join(LOADER_NAMES),
                    help=f"comma-separated loaders to run (default: all of {','.join(LOADER_NAMES)})")
     p.add_argument("--crop", choices=("center", "none"), default="center",
@@ -237,7 +237,7 @@ def loader_skip_reason(name, args):
         try:
             import nvidia.dali  # noqa: F401
         except ImportError:
-            return "NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)"
+            return f"NVIDIA DALI is not installed ({DALI_INSTALL})"
     return None
 
 
@@ -481,8 +481,8 @@ def measure(args, folder, shards, results, current):
             done()
             continue
         skipped_graphs = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
-        # Compiled modes warm up longer: on the 2-core CPU, one run's windows right after compiling went
-        # from 341 to 626 img/s (benchmarks/RESULTS.md), so 2 untimed steps were not enough there.
+        # Compiled modes warm up longer: on the 2-core CPU, one run's windows right after compiling were
+        # still rising (benchmarks/RESULTS.md), so 2 untimed steps were not enough there.
         row = run_row(f"step {mode}", lambda: timed(
             itertools.cycle(batches), project_step(settings, device),
             warmup=warmup * (4 if settings.get("compile") else 1), steps=args.steps, repeats=args.repeats,

@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import torch
 
+from pipeline.cli import first_line
 from pipeline.files import TMP_SUFFIX, atomic_write
 
 FORMAT = 2
@@ -122,8 +123,7 @@ def _unpickle(data: bytes, path: Path):
 
 def _cause(exn: Exception) -> str:
     """The first sentence of an exception, which is the part that says what is wrong."""
-    text = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
-    return text.split(". ", 1)[0].rstrip(".")
+    return first_line(exn).split(". ", 1)[0].rstrip(".")
 
 
 def _read(path: Path) -> dict:

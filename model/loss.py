@@ -32,6 +32,16 @@ class VAELoss(NamedTuple):
         return neg_elbo_nats / (dims * math.log(2))
 
 
+def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """(B, Z) KL(N(mu, exp(logvar)) || N(0, 1)) of each image and latent dimension, in nats, in fp32.
+
+    vae_loss's KL is its sum over the dimensions, averaged over images; model/metrics.py counts the
+    active dimensions from its mean over images."""
+    with torch.autocast(device_type=mu.device.type, enabled=False):
+        mu, logvar = mu.float(), logvar.float()
+        return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
+
+
 def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
              beta: float = BETA) -> VAELoss:
     # Autocast off: log terms lose too much in bf16/fp16 (and CUDA autocast refuses F.binary_cross_entropy).
@@ -44,6 +54,6 @@ def vae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: tor
         # an error (a device-side assert on CUDA, which kills the process) where this lets the NaN
         # reach the loss, so training can stop with a clear message.
         bce_sum = -(x * torch.log(x_hat) + (1 - x) * torch.log1p(-x_hat)).sum() / batch
-        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / batch
+        kl = kl_per_dim(mu, logvar).sum() / batch
         bce = bce_sum / pixels
         return VAELoss(bce + beta * kl, bce, kl, bce_sum + kl)

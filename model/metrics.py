@@ -12,6 +12,8 @@ All of it is computed in fp32 with autocast off, whatever precision the model ra
 
 import torch
 
+from model.loss import kl_per_dim  # noqa: F401  (the KL of each latent dimension: one formula, the loss's)
+
 ACTIVE_KL_NATS = 0.01  # a latent dimension is active when its mean KL exceeds this
 MSE_FLOOR = 1e-10  # a perfect reconstruction gives PSNR 100 dB rather than infinity
 
@@ -25,15 +27,6 @@ def mse_per_image(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def psnr(mse: torch.Tensor) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB of pixels in [0, 1], from per-image MSE."""
     return -10 * torch.log10(mse.clamp_min(MSE_FLOOR))
-
-
-def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """(B, Z) KL(N(mu, exp(logvar)) || N(0, 1)) of each image and latent dimension, in nats.
-
-    Summed over the dimensions it is the KL that vae_loss averages over images."""
-    with torch.autocast(device_type=mu.device.type, enabled=False):
-        mu, logvar = mu.float(), logvar.float()
-        return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
 
 
 def active_dims(mean_kl_per_dim: torch.Tensor, threshold: float = ACTIVE_KL_NATS) -> int:

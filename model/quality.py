@@ -29,6 +29,7 @@ from torchvision.utils import make_grid
 
 from model.metrics import ACTIVE_KL_NATS, kl_per_dim
 from pipeline.attributes import AttributeFileError, format_attributes, parse_attributes  # noqa: F401  (re-exported)
+from pipeline.cli import first_line
 from pipeline.files import atomic_write
 
 GMM_COMPONENTS = 10  # as the RAE paper
@@ -233,7 +234,7 @@ def patch_descriptors(level: torch.Tensor, generator: torch.Generator, per_image
 
 def sorted_projections(descriptors: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
     """(P, N): each direction's projections of the (N, D) descriptors, sorted. numpy's sort, which ran
-    several times faster than torch's CPU sort on these rows (benchmarks/RESULTS.md)."""
+    faster than torch's CPU sort on these rows (benchmarks/RESULTS.md has the figures)."""
     import numpy as np
 
     return torch.from_numpy(np.sort((projections.T @ descriptors.T).cpu().numpy(), axis=1))
@@ -243,8 +244,8 @@ def sliced_w1(real_sorted: torch.Tensor, fake: torch.Tensor, projections: torch.
     """The sliced W1 distance of POT's `ot.sliced_wasserstein_distance(real, fake, projections=..., p=1)` for
     two sets of the same size with equal weights, from `real`'s projections already sorted ((P, N), one
     row per direction): W1 along a direction is then the mean |difference| of the sorted projections.
-    tests/test_quality.py checks it against POT's. POT's general, weighted 1-d solver was measured over
-    ten times slower on these descriptor counts (benchmarks/RESULTS.md)."""
+    tests/test_quality.py checks it against POT's. POT's general, weighted 1-d solver was measured much
+    slower on these descriptor counts (benchmarks/RESULTS.md has the figures)."""
     fake_sorted = sorted_projections(fake, projections)
     if fake_sorted.shape != real_sorted.shape:
         raise ValueError(f"sliced_w1 compares sets of one size, not {real_sorted.shape[1]} and {fake_sorted.shape[1]}")
@@ -326,7 +327,7 @@ def inception_extractor(path: Path):
                                       feature_extractor_weights_path=str(safe))
         except (RuntimeError, KeyError) as exn:
             raise QualityError(f"{path} does not hold torch-fidelity's Inception v3 weights "
-                               f"({str(exn).splitlines()[0]})") from None
+                               f"({first_line(exn)})") from None
         except ModuleNotFoundError as exn:
             raise QualityError(f"--fid: {exn}") from None
 

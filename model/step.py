@@ -45,9 +45,9 @@ def native_bf16_cpu() -> str | None:
 
 def resolve_compile(compile: bool | None, device, amp: str) -> tuple[bool, str]:
     """train.py's --compile made concrete: (on, why). Given, it is kept. Left out: on for CUDA; on a CPU
-    with bf16 autocast when inductor finds its C++ compiler, where it made the step 1.17-1.19x faster
-    (benchmarks/RESULTS.md; a cold compile took 13-15 s, 0.2% of 40 CelebA epochs there); off in fp32
-    on a CPU, where it gained 0-17% over six runs, not a reliable 10%."""
+    with bf16 autocast when inductor finds its C++ compiler, where it made the step reliably faster for a
+    cold compile that is small beside 40 CelebA epochs; off in fp32 on a CPU, where its gain varied from
+    run to run and was not reliable. benchmarks/RESULTS.md has the figures."""
     if compile is not None:
         return compile, "as asked"
     device = torch.device(device)

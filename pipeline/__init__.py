@@ -15,18 +15,15 @@ pipeline/loader.py writes this face down as the `Loader` protocol.
 (`source="torch"` or `"dali"`) into a tensor on the device and serves every epoch from it.
 """
 
-import os
-
+from pipeline.cli import default_workers
 from pipeline.geometry import CROPS, IMAGE_SIZE
 from pipeline.shards import SPLITS, DataError, split_size
 
 LOADERS = ("torch", "dali")  # the decoding loaders, train.py's --loader
 ALL_LOADERS = (*LOADERS, "cache")
-
-
-def default_workers() -> int:
-    """Loader processes (torch) or threads (dali) when the user gives none: min(8, CPU cores - 1), at least 1."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+# How to install DALI: the pyproject `dali` extra pins a version known to work, where an unpinned
+# nvidia-dali-cuda130 may install a newer one.
+DALI_INSTALL = "pip install -e '.[dali]'"
 
 
 def build_loader(name: str, data_path, split: str, batch_size: int, device, *, train: bool | None = None,
@@ -50,5 +47,5 @@ def build_loader(name: str, data_path, split: str, batch_size: int, device, *, t
     raise ValueError(f"unknown loader {name!r}; choose one of {ALL_LOADERS}")
 
 
-__all__ = ["build_loader", "default_workers", "LOADERS", "ALL_LOADERS", "SPLITS", "CROPS", "IMAGE_SIZE", "DataError",
+__all__ = ["build_loader", "default_workers", "LOADERS", "ALL_LOADERS", "DALI_INSTALL", "SPLITS", "CROPS", "IMAGE_SIZE", "DataError",
            "split_size"]

@@ -1,16 +1,25 @@
-"""What train.py, prep/shard.py and benchmarks/throughput.py share on the command line.
+"""What train.py, generate.py, prep/shard.py and benchmarks/throughput.py share on the command line.
 
 Flag types that refuse bad numbers while the flags are parsed (`--batch-size 0` is one line from
-argparse, not a ZeroDivisionError an hour later), a parser whose errors are one line, and the check
-that a folder can be written into before anything is created in it. It lives in pipeline/ because
+argparse, not a ZeroDivisionError an hour later), a parser whose errors are one line, the help
+formatter, the default worker count, the image suffixes, an exception's first line for one-line
+errors, and the check that a folder can be written into before anything is created in it. It lives in pipeline/ because
 that is the one package all three scripts already import, and it imports nothing heavy: prep/shard.py
 does not pay for torch.
 """
 
 import argparse
 import math
+import os
 import tempfile
 from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # the pictures the scripts read from a folder, and write by suffix
+LOADER_WORKERS_CAP = 8  # the loaders' default workers, at most
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every flag's default and keeps the module docstring's layout."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -18,6 +27,25 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def first_line(exn: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none): for one-line errors."""
+    text = str(exn).strip()
+    return text.splitlines()[0] if text else type(exn).__name__
+
+
+def default_workers(cap: int | None = LOADER_WORKERS_CAP, spare: int = 1) -> int:
+    """Worker processes (or threads) when the user gives none: the CPU cores less `spare` left to the main
+    process, at most `cap` (None: no limit), at least 1. workers_rule() says it in words for --help."""
+    cores = (os.cpu_count() or 2) - spare
+    return max(1, cores if cap is None else min(cap, cores))
+
+
+def workers_rule(cap: int | None = LOADER_WORKERS_CAP, spare: int = 1) -> str:
+    """default_workers(cap, spare) in words, for a --workers help text."""
+    cores = "CPU cores" + (f" - {spare}" if spare else "")
+    return (cores if cap is None else f"min({cap}, {cores})") + (", at least 1" if spare else "")
 
 
 def _number(text: str, kind):
@@ -81,14 +109,11 @@ def unwritable(folder) -> str | None:
     return None
 
 
-IMAGE_OUT_SUFFIXES = (".png", ".jpg", ".jpeg")  # what torchvision's save_image writes by the name's suffix
-
-
 def image_path(text: str) -> Path:
     """An argparse `type=` for a picture to write: a file name that ends in an image suffix."""
     path = Path(text)
-    if path.suffix.lower() not in IMAGE_OUT_SUFFIXES or not path.stem:
-        raise argparse.ArgumentTypeError(f"expected a file name ending in {', '.join(IMAGE_OUT_SUFFIXES)}, "
+    if path.suffix.lower() not in IMAGE_SUFFIXES or not path.stem:
+        raise argparse.ArgumentTypeError(f"expected a file name ending in {', '.join(IMAGE_SUFFIXES)}, "
                                          f"not {text!r}")
     return path
 

@@ -23,11 +23,11 @@ import re
 
 import torch
 
-from pipeline.geometry import IMAGE_SIZE
-from pipeline.shards import DataError, epoch_order, rebuild_hint, split_shards, take
+from pipeline import DALI_INSTALL
+from pipeline.geometry import CROP_OF, CROP_SIDE, IMAGE_SIZE
+from pipeline.shards import SHUFFLE_BUFFER, DataError, epoch_order, rebuild_hint, split_shards, take
 
-INSTALL_HINT = "the dali loader needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or pip install -e '.[dali]')"
-SHUFFLE_BUFFER = 2000  # samples; shards are already shuffled at write time
+INSTALL_HINT = f"the dali loader needs NVIDIA DALI: {DALI_INSTALL}"
 READER = "reader"
 
 try:
@@ -55,10 +55,11 @@ def face_pipeline(tars, idxs, shard_id, num_shards, shuffle, initial_fill, crop,
               else dict(device="cpu"))
     if crop == "center":
         # geometry.crop_box in integers from the encoded shape, so that only the crop is decoded, for
-        # any frame size: side = round(min(w, h) * 148 / 178), never a tie as 89 is prime.
+        # any frame size: side = round(min(w, h) * CROP_SIDE / CROP_OF), rounded half up; never a tie for
+        # 148 / 178, as 148 * min(w, h) is even and 178 / 2 = 89 odd.
         shape = fn.peek_image_shape(jpegs, dtype=types.INT32)  # (H, W, C)
         height, width = shape[0], shape[1]
-        side = (dmath.min(width, height) * 148 + 89) // 178
+        side = (dmath.min(width, height) * CROP_SIDE + CROP_OF // 2) // CROP_OF
         images = fn.decoders.image_slice(jpegs, start=fn.stack((width - side) // 2, (height - side) // 2),
                                          shape=fn.stack(side, side), **decode)
     else:

@@ -6,7 +6,8 @@ code did (faces come out slightly stretched vertically).
 """
 
 IMAGE_SIZE = 64
-CROP_FRACTION = 148 / 178  # of the shorter side; exactly 148 px on CelebA's 178x218 frames
+CROP_SIDE, CROP_OF = 148, 178  # the crop's side over the frame's shorter side: 148 px of CelebA's 178x218 frames
+CROP_FRACTION = CROP_SIDE / CROP_OF
 CROPS = ("center", "none")
 
 

@@ -23,8 +23,14 @@ import time
 import weakref
 from pathlib import Path
 
+from pipeline.cli import first_line
 from pipeline.files import TMP_SUFFIX, atomic_write
 
+# The names train.py writes into --output-dir (model/quality.py names the end-of-training figures' files).
+CHECKPOINT, WEIGHTS, METRICS = "checkpoint.pt", "vae_celeba.pth", "metrics.jsonl"
+CURVES, SAMPLES, INTERPOLATIONS = "curves.png", "generated_samples.png", "interpolations.png"
+RECONSTRUCTIONS = "reconstructions_epoch{epoch}.png"  # each epoch's pictures, .format(epoch=n) from 1
+EPOCH_PICTURE = re.compile("^" + re.escape(RECONSTRUCTIONS).replace(re.escape("{epoch}"), "[1-9][0-9]*") + "$")
 MARKER = "run.json"
 TB = "tb"
 PROGRAM = "train.py"  # the marker's "program": a run.json of another tool is not a previous run of this one
@@ -58,7 +64,7 @@ def read_marker(folder: Path, is_output) -> dict | None:
             raise ValueError(f"over {MAX_MARKER_BYTES} bytes")
         data = json.loads(raw.decode())
     except (OSError, ValueError) as exn:
-        raise RunDirError(f"{path} is unreadable ({str(exn).splitlines()[0]}): {fix}") from None
+        raise RunDirError(f"{path} is unreadable ({first_line(exn)}): {fix}") from None
     if not isinstance(data, dict) or data.get("program") != PROGRAM:
         raise RunDirError(f"{path} was not written by {PROGRAM}: {fix}")
     files, tb = data.get("files"), data.get("tb", {"created": False, "events": []})

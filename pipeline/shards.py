@@ -16,6 +16,9 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 # The flags a manifest's "rebuild" list may hold, each with one value: prep/shard.py's plan flags.
 REBUILD_FLAGS = ("--data-path", "--shard-size", "--seed", "--quality", "--partition-file")
+# Samples each training loader's shuffle buffer holds (torch: of the plan, per rank; dali: the reader's
+# initial fill, at least); the shards are already shuffled at write time.
+SHUFFLE_BUFFER = 2000
 
 
 class DataError(RuntimeError):

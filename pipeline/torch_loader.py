@@ -34,10 +34,10 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.cli import first_line
 from pipeline.geometry import IMAGE_SIZE, crop_box
-from pipeline.shards import DataError, epoch_order, rank_samples, rebuild_hint, split_shards, take
+from pipeline.shards import SHUFFLE_BUFFER, DataError, epoch_order, rank_samples, rebuild_hint, split_shards, take
 
-SHUFFLE_BUFFER = 2000  # samples (of the plan, per rank); shards are already shuffled at write time
 SHUFFLE_START = 256  # the buffer yields from this size on and grows to SHUFFLE_BUFFER: epochs start sooner
 DCT_SCALES = [Fraction(m, 8) for m in range(1, 9)]  # the downscalings libjpeg-turbo decodes directly
 
@@ -254,7 +254,7 @@ def jpeg_decoder(device: torch.device) -> tuple[str, Callable]:
                 return name, decode
             failures.append(f"{name} gave {tuple(image.shape)} on {image.device}")
         except Exception as exn:  # ImportError, or a RuntimeError from a build without this device
-            failures.append(f"{name}: {str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__}")
+            failures.append(f"{name}: {first_line(exn)}")
     raise DataError(f"no JPEG decoder works on {device} ({'; '.join(failures)}): {DECODER_HINT}")
 
 
@@ -288,8 +288,7 @@ def gpu_decode(data, lengths, flips, crop, device) -> torch.Tensor:
 def lower_priority(worker_id: int) -> None:
     """Training on the CPU: the model's threads keep their cores, and workers fill the prefetch queue in
     the gaps. At equal priority each worker's time slice stalls every training thread at the next
-    barrier: end to end on 2 cores, 88% of the in-memory step rate against 94% with this
-    (benchmarks/RESULTS.md)."""
+    barrier, which lowered the end-to-end rate on 2 cores (benchmarks/RESULTS.md has the figures)."""
     os.nice(19)
 
 

@@ -47,7 +47,6 @@ from pipeline.attributes import (ATTRIBUTES, CELEBA_ATTRIBUTES_FILE, AttributeFi
 from pipeline.files import atomic_write, temporary_beside  # noqa: E402
 from pipeline.shards import MANIFEST, SPLITS, manifest_problem, shard_command  # noqa: E402
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 CELEBA_SPLIT = {"train": 162_770, "val": 19_867, "test": 19_962}  # official partition sizes
 PARTITION_FILE = "list_eval_partition.txt"
 JOURNAL = ".journal.jsonl"
@@ -67,7 +66,7 @@ GET_CELEBA = (
 )
 
 
-def parser():
+def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", type=Path, default=None,
                    help="folder of JPEGs laid out like img_align_celeba (default: dataset/celeba/img_align_celeba, "
@@ -80,8 +79,8 @@ def parser():
     p.add_argument("--shard-size", type=cli.positive_int, default=2000,
                    help="samples per shard (default: 2000, about 20 MB)")
     p.add_argument("--seed", type=cli.seed, default=0, help="seed of the write-time shuffle and of synthetic faces")
-    p.add_argument("--workers", type=cli.positive_int, default=os.cpu_count(),
-                   help="processes that read and check images (default: CPU cores)")
+    p.add_argument("--workers", type=cli.positive_int, default=cli.default_workers(cap=None, spare=0),
+                   help=f"processes that read and check images (default: {cli.workers_rule(cap=None, spare=0)})")
     p.add_argument("--quality", type=cli.int_at_least(1, 100), default=95,
                    help="JPEG quality for re-encoded images (default: 95)")
     p.add_argument("--synthetic", type=cli.positive_int, metavar="N", default=None,
@@ -97,7 +96,7 @@ def parser():
 
 
 def parse_args(argv=None):
-    args = parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.data_path is None:
         args.data_path = Path("dataset/synthetic/img_align_celeba" if args.synthetic else "dataset/celeba/img_align_celeba")
     if args.output_dir is None:
@@ -111,7 +110,7 @@ def rebuild_flags(args, partition_used: bool) -> list[str]:
     """The flags that make this plan again from the same JPEGs, all but --output-dir: the manifest keeps them
     so that a loader finding a damaged shard can name the command that rebuilds it."""
     flags = ["--data-path", str(args.data_path.resolve())]
-    defaults = parser()
+    defaults = build_parser()
     for name in ("shard_size", "seed", "quality"):
         if getattr(args, name) != defaults.get_default(name):
             flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
@@ -136,7 +135,7 @@ def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         fail(f"{folder} does not exist. {GET_CELEBA}")
     files = sorted(p for p in folder.iterdir()
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."))
+                   if p.suffix.lower() in cli.IMAGE_SUFFIXES and p.is_file() and not p.name.startswith("."))
     if not files:
         fail(f"{folder} holds no .jpg/.jpeg/.png files. {GET_CELEBA}")
     return files

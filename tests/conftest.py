@@ -3,6 +3,7 @@
 import json
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,29 @@ def small_shards(faces_dir, tmp_path_factory) -> Path:
 def one_shard(faces_dir, tmp_path_factory) -> Path:
     """Every split in a single shard."""
     return make_shards(faces_dir, tmp_path_factory.mktemp("shards1"), 1000)
+
+
+@pytest.fixture(scope="module")
+def tiny(faces_dir, tmp_path_factory) -> Path:
+    """48 faces in shards of 16, split by key hash (an epoch is a few steps of 8); one copy per test module,
+    which may change it."""
+    data = tmp_path_factory.mktemp("tiny") / "img_align_celeba"
+    data.mkdir()
+    for f in sorted(faces_dir.glob("*.jpg"))[:48]:
+        shutil.copy2(f, data / f.name)
+    return make_shards(data, data.parent / "shards", 16)
+
+
+@contextmanager
+def no_host_sync():
+    """Inside (CUDA tests): any synchronising CUDA call torch makes (.item(), a blocking copy) raises."""
+    import torch
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def split_keys(shards: Path, split: str) -> list[str]:

@@ -4,13 +4,13 @@ Every test here is skipped without CUDA, with the reason; docs/cuda-paths.md say
 and which kernel or document decides it. benchmarks/gpu_check.sh runs this file on a GPU machine.
 """
 
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 
 import train
+from conftest import no_host_sync
 from model import VariationalAutoEncoder
 from model.step import TrainStep, make_optimizer
 from pipeline import build_loader
@@ -110,7 +110,7 @@ def test_the_torchvision_fallback_decode_leaves_queued_reads_alone(faces_dir):
 
 
 def test_dali_mixed_pipeline_gives_the_cpu_images(shards):
-    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install -e '.[dali]')")
     cpu = by_key(build_loader("dali", shards, "val", BATCH, "cpu", with_keys=True))
     gpu_loader = build_loader("dali", shards, "val", BATCH, CUDA, with_keys=True)
     check_batches_on_cuda(gpu_loader)
@@ -137,16 +137,6 @@ def faces(n=32, seed=0):
 
 def cosine(a, b) -> float:
     return torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0).item()
-
-
-@contextmanager
-def no_host_sync():
-    """Inside: any synchronising CUDA call torch makes (.item(), a blocking copy) raises."""
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_compiled_bf16_step_matches_eager_and_does_not_sync():

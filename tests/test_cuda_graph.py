@@ -8,12 +8,12 @@ check runs this file) and compare the captured graph with that uncaptured step.
 
 import json
 import math
-from contextlib import contextmanager
 
 import pytest
 import torch
 
 import train
+from conftest import no_host_sync
 from model import VariationalAutoEncoder
 from model.step import StaticStep, TrainStep, make_optimizer
 from pipeline import build_loader
@@ -181,16 +181,6 @@ def cuda_cache(shards):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     return build_loader("cache", shards, "train", BATCH, "cuda", workers=1, seed=3, source="torch")
-
-
-@contextmanager
-def no_host_sync():
-    """Inside: any synchronising CUDA call torch makes (.item(), a blocking copy) raises."""
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def twenty_steps(static):

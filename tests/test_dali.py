@@ -84,7 +84,7 @@ def test_missing_dali_says_how_to_install_it(shards, monkeypatch):
     monkeypatch.delitem(sys.modules, "pipeline.dali_loader")
     monkeypatch.setattr(pipeline, "dali_loader", None)
     importlib.import_module("pipeline.dali_loader")  # the module itself still imports
-    with pytest.raises(DataError, match=r"needs NVIDIA DALI: pip install nvidia-dali-cuda130"):
+    with pytest.raises(DataError, match=r"needs NVIDIA DALI: pip install -e '\.\[dali\]'$"):
         build_loader("dali", shards, "val", BATCH, "cpu")
 
 

@@ -21,7 +21,7 @@ def script_parser(script: str):
     spec = importlib.util.spec_from_file_location(f"doc_{Path(script).stem}", ROOT / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return (getattr(module, "build_parser", None) or module.parser)()
+    return module.build_parser()
 
 
 def long_flags(parser) -> set[str]:
@@ -72,3 +72,17 @@ def test_each_page_lists_the_flags_help_prints(script):
     documented, parsed = table_flags(ROOT / page, heading), long_flags(script_parser(script))
     assert documented == parsed, (f"{page} and {script} --help differ: missing from the page "
                                   f"{sorted(parsed - documented)}, not flags of {script} {sorted(documented - parsed)}")
+
+
+def test_the_resume_guarantee_names_the_settings_resume_checks():
+    from model.checkpoint import SETTINGS
+
+    rows = [line for line in (ROOT / "docs/training.md").read_text().splitlines()
+            if line.startswith("| `--resume` with other")]
+    assert len(rows) == 1, "docs/training.md's guarantees table has no (or more than one) `--resume` with other row"
+    cell = rows[0].split("|")[1]
+    checked = set(SETTINGS.values())
+    flags = {name for name in checked if name.startswith("--")}
+    assert set(FLAG.findall(cell)) - {"--resume"} == flags
+    for name in checked - flags:  # the settings that are no flag: world size
+        assert name in cell, f"docs/training.md's --resume row does not name {name!r}"

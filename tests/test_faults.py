@@ -29,22 +29,12 @@ from PIL import Image
 
 import generate
 import train
-from conftest import make_shards, copy_shards
+from conftest import copy_shards
 from model import checkpoint
 from prep import shard
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--batch-size", "8", "--workers", "1", "--no-compile"]
-
-
-@pytest.fixture(scope="module")
-def tiny(faces_dir, tmp_path_factory) -> Path:
-    """48 faces in shards of 16, split by key hash: an epoch is a few steps of 8."""
-    data = tmp_path_factory.mktemp("tiny") / "img_align_celeba"
-    data.mkdir()
-    for f in sorted(faces_dir.glob("*.jpg"))[:48]:
-        shutil.copy2(f, data / f.name)
-    return make_shards(data, data.parent / "shards", 16)
 
 
 def run_args(shards, out, *extra) -> list[str]:

@@ -28,7 +28,7 @@ import train
 from prep import shard
 
 TESTS = Path(__file__).resolve().parent
-PARSERS = {"train.py": train.build_parser, "prep/shard.py": shard.parser, "generate.py": generate.build_parser}
+PARSERS = {"train.py": train.build_parser, "prep/shard.py": shard.build_parser, "generate.py": generate.build_parser}
 
 # (script, flag) -> why no test of its effect is needed: it changes no result. Each says what would catch a
 # wrong implementation anyway, where something does.

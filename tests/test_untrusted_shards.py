@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import train
-from conftest import make_shards, copy_shards
+from conftest import copy_shards
 from pipeline import ALL_LOADERS, DataError, build_loader
 from pipeline.shards import MANIFEST, Shard, Span, split_shards
 from pipeline.torch_loader import read_spans
@@ -22,16 +22,6 @@ from prep import shard
 
 PWNED = "PWNED"
 PIPE_ENTRY = f"pipe:touch {PWNED}; cat train-000000.tar"
-
-
-@pytest.fixture(scope="module")
-def tiny(faces_dir, tmp_path_factory) -> Path:
-    """48 faces in shards of 16."""
-    data = tmp_path_factory.mktemp("tiny") / "img_align_celeba"
-    data.mkdir()
-    for f in sorted(faces_dir.glob("*.jpg"))[:48]:
-        shutil.copy2(f, data / f.name)
-    return make_shards(data, data.parent / "shards", 16)
 
 
 def snapshot(folder: Path) -> dict:
