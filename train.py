@@ -560,7 +560,7 @@ def finish_run(run: RunState) -> None:
         samples = save_samples(model, args.z_dim, args.seed, run.device, out_dir / SAMPLES)
         lines = save_interpolations(model, run.preview, run.train_step, out_dir / INTERPOLATIONS)
         quality_files = finish_quality(model, run.train_loader, run.val_loader, run.preview, run.train_step, args,
-                                       out_dir)
+                                       out_dir, run.history)
         save_weights(out_dir / WEIGHTS, model)
     except OSError as exn:
         run.folder.close()
@@ -797,7 +797,8 @@ def read_history(path: Path, epochs: int) -> list[dict]:
 
 
 @torch.no_grad()
-def finish_quality(model, train_loader, val_loader, preview, train_step, args, out_dir: Path) -> list[str]:
+def finish_quality(model, train_loader, val_loader, preview, train_step, args, out_dir: Path,
+                   history: list[dict]) -> list[str]:
     """After training, on rank 0, in one pass over each split (from the resident cache when there is one):
     the ex-post GMM of the training split's posterior means beside the weights and its 64 faces
     (generated_samples_gmm.png, the prior grid's seed); the SWD of prior samples, GMM samples and
@@ -870,9 +871,8 @@ def finish_quality(model, train_loader, val_loader, preview, train_step, args, o
         written.append(quality.weights_sibling(weights, quality.ATTRIBUTES_SUFFIX).name)
         record["attribute_names"] = vectors["names"]
     record["quality_seconds"] = time.perf_counter() - started
-    lines = (out_dir / METRICS).read_text().splitlines()  # the last epoch's row gains these fields
-    lines[-1] = json.dumps({**json.loads(lines[-1]), **record})
-    atomic_write(out_dir / METRICS, "".join(line + "\n" for line in lines).encode())
+    history[-1].update(record)  # the last epoch's row gains these fields
+    write_metrics(out_dir / METRICS, history)
     model.train()
     return written
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline import build_loader, cache_file  # noqa: E402
+from pipeline import build_loader  # noqa: E402
 
 
 def cpu_seconds() -> float:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid
 
 from model.metrics import ACTIVE_KL_NATS, kl_per_dim
-from pipeline.attributes import AttributeFileError, format_attributes, parse_attributes  # noqa: F401  (re-exported)
+from pipeline.attributes import AttributeFileError  # noqa: F401  (re-exported)
 from pipeline.cli import first_line
 from pipeline.files import atomic_write
 
