@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "fused Adam): needs CUDA, the train split in the resident cache (--cache) and one process. auto is "
                    "off until a GPU run has compared the graphed step's weights with the ordinary step's (a graph "
                    "replays fixed memory and can go wrong silently); on: graph when it can, else say why in one line "
-                   "and run the same step uncaptured")
+                   "and run the same step uncaptured. The graph holds --lr as captured: a learning-rate schedule "
+                   "is not supported with it on")
     p.add_argument("--figures-every", type=cli.positive_int, default=1, help=f"draw {RECONSTRUCTIONS.format(epoch='N')} and "
                    f"{CURVES} every N epochs (and always after the last), on a background thread")
     p.add_argument("--tensorboard", action="store_true", help=f"also write TensorBoard logs to OUTPUT_DIR/{run_dir.TB}: "

@@ -12,7 +12,17 @@ train.py's own `run()` in this process with two benchmark-only substitutions, ma
   (`--cache on`: an error if they do not fit) reserves for the real thing;
 - `train.build_loader("cache", ...)` first fills the split from SHARDS (a few thousand real JPEGs) the
   way train.py would, which measures the fill's decode rate, then tiles those decoded faces to the
-  split's CelebA size on the device and serves that with the project's CachedLoader.
+  split's CelebA size on the device and serves that with the project's CachedLoader. The tiles keep
+  the fill's source: "decoded", or "loaded" when the decoded file beside SHARDS (written by an
+  earlier run, --cache-file auto) was read instead.
+
+The fill is timed from its first batch: the time to the first batch (the loader's workers starting,
+one batch decoded) is counted once, the rest at the rate measured after it, so a fill of a few
+thousand images projects CelebA's without counting the start-up 50 times over. The write of the
+decoded file (pipeline/cache.py `save_file`) is timed and counted by its bytes. The compile is
+recorded with where it happened: inside epoch 1 (the ordinary step compiles on its first call) or
+before it (--cuda-graph on warms up and captures before epoch 1, and metrics.jsonl's first row has
+compile_s), so that the projection takes it out of epoch 1's steps only when it was in them.
 
 Everything else is train.py's: the device setup, compile, the epoch loop, evaluation, reconstructions,
 curves, checkpoints, metrics.jsonl, samples and interpolations. Each part's time is read from
@@ -43,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch  # noqa: E402
 
+import pipeline.cache  # noqa: E402
 import train  # noqa: E402
 from benchmarks import report  # noqa: E402
 from model.step import resolve_amp, resolve_compile  # noqa: E402
@@ -87,10 +98,28 @@ def train_flags_of() -> str:
 
 
 def tiled(cache: Cache, n: int) -> Cache:
-    """A Cache of `n` rows on the same device: the decoded faces of `cache`, repeated in order."""
+    """A Cache of `n` rows on the same device: the decoded faces of `cache`, repeated in order, with its
+    fill's time and source (decoded, or loaded from the decoded file)."""
     rows = torch.arange(n, device=cache.images.device) % len(cache)
     keys = [f"{cache.keys[i % len(cache)]}.{i // len(cache)}" for i in range(n)]
-    return Cache(cache.images.index_select(0, rows), keys, decoded=cache.decoded, seconds=cache.seconds)
+    return Cache(cache.images.index_select(0, rows), keys, decoded=cache.decoded, seconds=cache.seconds,
+                 source=cache.source, file_note=cache.file_note)
+
+
+class FirstBatch:
+    """A fill's reader, passed through, that notes when its first batch arrived and how many images it held."""
+
+    def __init__(self, reader, started: float, seen: dict):
+        self.reader, self.started, self.seen = reader, started, seen
+
+    def __len__(self):
+        return len(self.reader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.reader):
+            if i == 0:
+                self.seen.update(first_batch_s=time.perf_counter() - self.started, first_batch_images=len(batch[0]))
+            yield batch
 
 
 class Recorder:
@@ -98,7 +127,8 @@ class Recorder:
 
     def __init__(self, sizes: dict[str, int]):
         self.sizes, self.fills, self.events = sizes, {}, []  # events: (name, epoch index, start, seconds)
-        self.epoch_starts, self.first_step_s, self.ended = [], None, None
+        self.epoch_starts, self.first_step_s, self.first_step_started, self.ended = [], None, None, None
+        self.started, self.tiling_s, self.seen = None, 0.0, {}  # seen: the fill being made, as it goes
 
     def patches(self):
         real_build = train.build_loader
@@ -109,11 +139,15 @@ class Recorder:
         def build_loader(name, data_path, split, batch_size, device, **options):
             if name != "cache":
                 return real_build(name, data_path, split, batch_size, device, **options)
+            self.seen = {}
             filled = real_build("cache", data_path, split, batch_size, device, **options)
             cache = filled.cache
             self.fills[split] = {"images": len(cache), "seconds": cache.seconds, "cached": True,
-                                 "img_per_s": len(cache) / cache.seconds}
+                                 "img_per_s": len(cache) / cache.seconds, "source": cache.source, **self.seen}
+            started = time.perf_counter()
             big = tiled(cache, self.sizes[split])
+            sync(big.images.device)
+            self.tiling_s += time.perf_counter() - started
             train_mode = options.get("train", split == "train")
             train_mode = split == "train" if train_mode is None else train_mode
             return CachedLoader(big, batch_size, train=train_mode, rank=options.get("rank", 0),
@@ -135,6 +169,19 @@ class Recorder:
                 return fn(*a, **k)
             return wrapper
 
+        real_fill, real_save = pipeline.cache.fill, pipeline.cache.save_file
+
+        def fill(reader, *a, **k):  # the decode's first batch, noted on the way through
+            return real_fill(FirstBatch(reader, time.perf_counter(), self.seen), *a, **k)
+
+        def save_file(path, images, *a, **k):  # the decoded file's write, timed, with its bytes
+            started = time.perf_counter()
+            try:
+                return real_save(path, images, *a, **k)
+            finally:
+                self.seen.update(write_s=time.perf_counter() - started,
+                                 write_bytes=Path(path).stat().st_size if Path(path).is_file() else 0)
+
         recorder = self
 
         class FirstStepTimed(train.TrainStep):
@@ -144,7 +191,7 @@ class Recorder:
                 if recorder.first_step_s is not None:
                     return super().__call__(images)
                 sync(self.device)
-                started = time.perf_counter()
+                started = recorder.first_step_started = time.perf_counter()
                 out = super().__call__(images)
                 sync(self.device)
                 recorder.first_step_s = time.perf_counter() - started
@@ -158,6 +205,7 @@ class Recorder:
                 timers.append((name, timed(name, getattr(train, name))))
         patches = [mock.patch.object(train, name, value) for name, value in essential + timers]
         patches.append(mock.patch.object(train, "TrainStep", FirstStepTimed))
+        patches += [mock.patch.object(pipeline.cache, "fill", fill), mock.patch.object(pipeline.cache, "save_file", save_file)]
         if hasattr(train, "figures") and hasattr(train.figures, "save_curves"):
             patches.append(mock.patch.object(train.figures, "save_curves",
                                              timed("save_curves", train.figures.save_curves)))
@@ -208,17 +256,32 @@ def epoch_parts(recorder: Recorder, rows: list[dict]) -> tuple[list[dict], dict]
 
 
 def compile_seconds(recorder: Recorder, rows: list[dict], epochs: list[dict], batch: int, train_images: int):
-    """(seconds, how): train.py's compile_s where it records one; else the first step's time less a
-    later step's; else the first epoch's steps less a later epoch's."""
+    """(seconds, how, where): train.py's compile_s where it records one (the warm-up and capture of
+    --cuda-graph, before epoch 1); else the first step's time less a later step's; else the first epoch's
+    steps less a later epoch's. `where` is "before epoch 1" or "epoch 1": whether epoch 1's steps hold it."""
+    first_call_before = (recorder.first_step_started is not None and recorder.epoch_starts
+                         and recorder.first_step_started < recorder.epoch_starts[0])
     if rows and isinstance(rows[0].get("compile_s"), (int, float)):
-        return rows[0]["compile_s"], "metrics.jsonl compile_s"
+        return rows[0]["compile_s"], "metrics.jsonl compile_s", "before epoch 1"
     later = report.median(e["steps_s"] for e in epochs[1:])
     if recorder.first_step_s is not None and later:
         step = later / max(1, train_images // batch)
-        return max(0.0, recorder.first_step_s - step), "the first step's time less a later step's"
+        return (max(0.0, recorder.first_step_s - step), "the first step's time less a later step's",
+                "before epoch 1" if first_call_before else "epoch 1")
     if len(epochs) > 1:
-        return max(0.0, epochs[0]["steps_s"] - later), "the first epoch's steps less a later epoch's"
-    return None, "not measured: one epoch, and no compile_s in metrics.jsonl"
+        return max(0.0, epochs[0]["steps_s"] - later), "the first epoch's steps less a later epoch's", "epoch 1"
+    return None, "not measured: one epoch, and no compile_s in metrics.jsonl", None
+
+
+def setup_seconds(recorder: Recorder, compile_s, where) -> float:
+    """From train.py's start to epoch 1's, less the fills, the decoded files' writes, a compile made before
+    epoch 1 and this script's tiling: the flags, the model, the cache plan, the preview batch."""
+    if recorder.started is None or not recorder.epoch_starts:
+        return 0.0
+    spent = sum(f["seconds"] + f.get("write_s", 0.0) for f in recorder.fills.values()) + recorder.tiling_s
+    if where == "before epoch 1":
+        spent += compile_s or 0.0
+    return max(0.0, recorder.epoch_starts[0] - recorder.started - spent)
 
 
 def weights_difference(a: Path, b: Path) -> dict:
@@ -274,6 +337,7 @@ def main(argv=None) -> int:
         for patch in recorder.patches():
             stack.enter_context(patch)
         try:
+            recorder.started = time.perf_counter()
             rc = train.run(argv)
         except KeyboardInterrupt:
             rc = 130
@@ -284,9 +348,6 @@ def main(argv=None) -> int:
     rows = read_rows(args.output_dir / train.METRICS)
     part.update(rc=rc, fill=recorder.fills, train_py_fill={k: rows[0][k] for k in ("fill_s", "fill_source")
                                                             if rows and k in rows[0]})
-    sources = rows[0].get("fill_source") if rows and isinstance(rows[0].get("fill_source"), dict) else {}
-    for split, fill in recorder.fills.items():  # train.py before the decoded-split file always decoded
-        fill["source"] = sources.get(split, "decoded")
     if rc != 0:
         part["error"] = f"train.py returned {rc} after {len(rows)} epochs (see answer.log)"
     elif "train" not in recorder.fills:
@@ -303,12 +364,14 @@ def main(argv=None) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if parsed.device == "auto" else parsed.device)
     compiled = resolve_compile(parsed.compile, device, resolve_amp(parsed.amp, device)[0])[0]
     epochs, source = epoch_parts(recorder, rows)
-    compile_s, how = compile_seconds(recorder, rows, epochs, batch, sizes["train"])
+    compile_s, how, where = compile_seconds(recorder, rows, epochs, batch, sizes["train"])
+    setup_s = setup_seconds(recorder, compile_s, where)
     final_s = sum(s for name, _, _, s in recorder.events if name in ("save_samples", "save_interpolations",
                                                                     "save_weights"))
-    run = {"batch_size": batch, "train_images": sizes["train"], "val_images": sizes["val"],
-           "compile_s": compile_s, "final_s": final_s, "fill": recorder.fills, "epochs": epochs}
+    run = {"batch_size": batch, "train_images": sizes["train"], "val_images": sizes["val"], "compile_s": compile_s,
+           "compile_where": where, "setup_s": setup_s, "final_s": final_s, "fill": recorder.fills, "epochs": epochs}
     part.update(batch_size=batch, train_images=sizes["train"], val_images=sizes["val"], compile_s=compile_s,
+                compile_where=where, setup_s=round(setup_s, 3), tiling_s=round(recorder.tiling_s, 3),
                 compiled=compiled, compile_how=how, first_step_s=recorder.first_step_s, final_s=round(final_s, 3), epochs=epochs,
                 sources=source, weights=str(args.output_dir / train.WEIGHTS),
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",

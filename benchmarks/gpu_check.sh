@@ -1,35 +1,46 @@
 #!/usr/bin/env bash
 # One command for a GPU machine, in stages ordered by what they answer, inside a time budget.
+# docs/gpu.md gives the whole device call; benchmarks/rehearse.sh runs it here first, as it will run there.
 #
 #   benchmarks/make_wheels.sh                 # here, with a package index: fills .whl/
-#   benchmarks/gpu_check.sh [OUTDIR]          # there, from the checkout's root, with .whl/ beside it
+#   bash benchmarks/gpu_check.sh "$OUT"       # there, from the checkout's root, with .whl/ carried beside it
 #
 # Setup (always): the wheels from .whl/ into a scratch folder, the environment, a few thousand synthetic
 # JPEGs sharded by prep/shard.py. Then the stages, each writing its results as it ends, so that a run cut
 # anywhere still returns everything finished before the cut:
-#   smoke   (<= 90 s) versions, which JPEG decoder loaded, one compiled step, one cache batch, a batched
-#           decode of a few hundred JPEGs on the device against the CPU decode (benchmarks/smoke.py);
-#   answer  train.py itself for EPOCHS epochs with --cache on over resident splits of CelebA's size,
-#           each epoch's wall time split into steps, evaluation, checkpoint and pictures, the compile
-#           apart, and the projection of 40 CelebA epochs in seconds (benchmarks/celeba_epochs.py);
+#   smoke   versions, which JPEG decoder loaded, one eager step (no compile: the answer's compile is the
+#           machine's first, so that it measures a cold one), one cache batch, a batched decode of a few
+#           hundred JPEGs on the device against the CPU decode (benchmarks/smoke.py);
+#   answer  train.py itself for EPOCHS epochs with --cache on over resident splits of CelebA's size on a
+#           machine that has run nothing yet (cold: the fill decodes and writes the decoded file, the
+#           compile starts from empty caches), each epoch's wall time split into steps, evaluation,
+#           checkpoint and pictures, and the projection of 40 CelebA epochs (benchmarks/celeba_epochs.py);
+#   warm    the same for WARM_EPOCHS epochs, now with the decoded file and inductor's caches in place:
+#           what a second run on the machine takes;
 #   graph   the same run with --cuda-graph on, where train.py has that flag, its losses and weights
-#           compared with the answer's;
-#   bench   benchmarks/throughput.py: every step mode, the loaders, the fill; its JSON is rewritten
-#           after every row and when the stage's time runs out;
-#   tests   the CUDA tests, each under a per-test timeout (pytest-timeout, where installed).
-# OUTDIR ($OUT if set, else gpu-check/) receives eight files: summary.txt (first lines: the projection,
-# then one line per stage: ok, FAILED, STOPPED or skipped, with its seconds), results.json (every
-# stage's figures), setup.log, smoke.log, answer.log, bench.log, throughput.json, tests.log. Scratch
-# (shards, runs, wheels) goes to a temporary folder. No file is larger than 16 MiB (report.py fit).
+#           compared with the answer's and its steps with the answer's steps (its fill is a load of the
+#           decoded file, labelled so);
+#   tests   the tests marked `cuda` (pytest -m cuda), the graphed step's first, each under a per-test
+#           timeout (pytest-timeout, where installed);
+#   bench   benchmarks/throughput.py: every step mode, the loaders, the fill, with the time that is left;
+#           its JSON is rewritten after every row and when the stage's time runs out.
+# OUTDIR ($OUT if set, else gpu-check/) receives eight files: summary.txt (first line: the answer, "40
+# CelebA epochs: X s cold, Y s warm (...)", or "no answer: STAGE failed, see LOG"; then the parts, then
+# one line per stage: ok, FAILED, STOPPED or skipped, with its seconds), results.json (every stage's
+# figures), setup.log, smoke.log, answer.log (answer, warm and graph), bench.log, throughput.json,
+# tests.log. Scratch (shards, runs, wheels) goes to a temporary folder. No file is larger than 16 MiB
+# (report.py fit).
 #
 # Settings, from the environment:
-#   STAGES=smoke,answer,graph,bench,tests   the stages to run, in this order whatever the order given
-#   BUDGET_S=400        seconds for the whole check; each stage gets at most its cap or what is left
-#   SMOKE_S=90 ANSWER_S=150 GRAPH_S=110 BENCH_S=150 TESTS_S=240   the stages' caps, in seconds
+#   STAGES=smoke,answer,warm,graph,tests,bench   the stages to run, in this order whatever the order given
+#   BUDGET_S=360        seconds for the whole check; each stage gets at most its cap or what is left. With
+#                       the machine's start (1-3 min) it leaves a partial rerun inside a 15-minute lease
+#   SMOKE_S=60 ANSWER_S=150 WARM_S=90 GRAPH_S=110 TESTS_S=180 BENCH_S=150   the stages' caps, in seconds
 #   PYTHON=python3      the interpreter that has torch
-#   DEVICE=cuda         cpu runs every stage on the CPU (CUDA tests skip): a dry run of this script
+#   DEVICE=cuda         cpu runs every stage on the CPU (CUDA tests skip): benchmarks/rehearse.sh
 #   IMAGES=4000         synthetic faces sharded for the fill, the smoke and the benchmark
 #   EPOCHS=3            epochs of the answer run (the first holds the compile)
+#   WARM_EPOCHS=2       epochs of the warm run
 #   RESIDENT_TRAIN=162770 RESIDENT_VAL=19867   the answer run's resident split sizes (CelebA's)
 #   TRAIN_ARGS=         extra train.py flags for the answer and graph runs
 #   SMOKE_ARGS=         extra benchmarks/smoke.py flags
@@ -42,19 +53,21 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
 OUTDIR=$(mkdir -p "${1:-${OUT:-gpu-check}}" && cd "${1:-${OUT:-gpu-check}}" && pwd)
-STAGES=${STAGES:-smoke,answer,graph,bench,tests}
-BUDGET_S=${BUDGET_S:-400}
+STAGES=${STAGES:-smoke,answer,warm,graph,tests,bench}
+BUDGET_S=${BUDGET_S:-360}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 IMAGES=${IMAGES:-4000}
 EPOCHS=${EPOCHS:-3}
+WARM_EPOCHS=${WARM_EPOCHS:-2}
 RESIDENT_TRAIN=${RESIDENT_TRAIN:-162770}
 RESIDENT_VAL=${RESIDENT_VAL:-19867}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 SMOKE_ARGS=${SMOKE_ARGS:-}
 BENCH_ARGS=${BENCH_ARGS:---repeats 3}
 TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-120}
-SMOKE_S=${SMOKE_S:-90} ANSWER_S=${ANSWER_S:-150} GRAPH_S=${GRAPH_S:-110} BENCH_S=${BENCH_S:-150} TESTS_S=${TESTS_S:-240}
+SMOKE_S=${SMOKE_S:-60} ANSWER_S=${ANSWER_S:-150} WARM_S=${WARM_S:-90} GRAPH_S=${GRAPH_S:-110} TESTS_S=${TESTS_S:-180}
+BENCH_S=${BENCH_S:-150}
 WHEELS=${WHEELS:-$ROOT/.whl}
 INSTALL=${INSTALL:-1}
 RESERVE_S=8   # kept back from every stage for the summary at the end
@@ -64,8 +77,8 @@ trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1 PYTHONPATH="$WORK/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 for stage in ${STAGES//,/ }; do
-    case $stage in smoke|answer|graph|bench|tests) ;;
-        *) echo "error: STAGES: unknown stage '$stage'; choose from smoke,answer,graph,bench,tests" >&2; exit 2 ;;
+    case $stage in smoke|answer|warm|graph|tests|bench) ;;
+        *) echo "error: STAGES: unknown stage '$stage'; choose from smoke,answer,warm,graph,tests,bench" >&2; exit 2 ;;
     esac
 done
 wants() { [[ ",$STAGES," == *",$1,"* ]]; }
@@ -153,7 +166,7 @@ if (( env_rc != 0 )); then
 fi
 note "env      $(grep -m1 '^python ' "$SETUP_LOG")"
 
-if wants smoke || wants answer || wants graph || wants bench; then
+if wants smoke || wants answer || wants warm || wants graph || wants bench; then
     stage shards 90 "$SETUP_LOG" "$PYTHON" prep/shard.py --synthetic "$IMAGES" \
         --data-path "$WORK/faces/img_align_celeba" --output-dir "$WORK/shards" --quiet ||
         { note "the stages need the shards: stopping"; exit 1; }
@@ -166,30 +179,25 @@ if wants smoke; then
         --images "$WORK/faces/img_align_celeba" --device "$DEVICE" --json "$RESULTS" $SMOKE_ARGS
 fi
 
-answer_run() {  # KEY CAP [celeba_epochs.py flags]
-    local key=$1 cap=$2
-    shift 2
+answer_run() {  # KEY CAP EPOCHS [celeba_epochs.py flags]
+    local key=$1 cap=$2 epochs=$3
+    shift 3
     # shellcheck disable=SC2086
     stage "$key" "$cap" "$OUTDIR/answer.log" "$PYTHON" benchmarks/celeba_epochs.py --data-path "$WORK/shards" \
-        --output-dir "$WORK/run-$key" --json "$RESULTS" --key "$key" --epochs "$EPOCHS" \
+        --output-dir "$WORK/run-$key" --json "$RESULTS" --key "$key" --epochs "$epochs" \
         --train-images "$RESIDENT_TRAIN" --val-images "$RESIDENT_VAL" --device "$DEVICE" "$@" $TRAIN_ARGS
 }
-wants answer && answer_run answer "$ANSWER_S"
+# train.py's default --cache-file auto: the answer run decodes and writes the decoded file beside the shards,
+# the warm and graph runs load it (results.json and summary.txt say which fill was which).
+wants answer && answer_run answer "$ANSWER_S" "$EPOCHS"
+wants warm && answer_run warm "$WARM_S" "$WARM_EPOCHS"
 if wants graph; then
     if reason=$("$PYTHON" benchmarks/report.py skip-graph "$RESULTS"); then  # known from the answer run
         note "$(printf '%-8s skipped: %s' graph "$reason")"
         summarize
     else
-        answer_run graph "$GRAPH_S" --graphed --compare answer
+        answer_run graph "$GRAPH_S" "$EPOCHS" --graphed --compare answer
     fi
-fi
-
-if wants bench; then
-    # shellcheck disable=SC2086
-    stage bench "$BENCH_S" "$OUTDIR/bench.log" "$PYTHON" benchmarks/throughput.py --device "$DEVICE" \
-        --images "$WORK/faces/img_align_celeba" --limit 0 --json "$OUTDIR/throughput.json" $BENCH_ARGS
-    note "$(printf '%-8s %s' '' "$("$PYTHON" benchmarks/report.py bench "$OUTDIR/throughput.json" 2>&1 | tail -n 1)")"
-    summarize
 fi
 
 if wants tests; then
@@ -199,12 +207,22 @@ if wants tests; then
     else
         note "tests    pytest-timeout is not installed: no per-test limit, the stage's alone"
     fi
-    # The cache's CUDA test first (no compile), then the CUDA paths, then the graphed step's tests if present.
-    tests=(tests/test_cache.py tests/test_cuda.py)
-    [[ -f tests/test_cuda_graph.py ]] && tests+=(tests/test_cuda_graph.py)
+    # The tests marked `cuda` (pyproject.toml), selected by the marker alone: the graphed step's correctness
+    # tests first (their file's CUDA tests come in its order), then the CUDA paths, the cache's, the flags';
+    # DALI's where DALI is installed (it is not carried: too large).
+    tests=(tests/test_cuda_graph.py tests/test_cuda.py tests/test_cache.py tests/test_flag_effects.py)
+    "$PYTHON" -c "import nvidia.dali" 2>/dev/null && tests+=(tests/test_dali.py)
     stage tests "$TESTS_S" "$OUTDIR/tests.log" "$PYTHON" -m pytest -q -rs -p no:cacheprovider --durations=0 \
-        "${timeout_flag[@]}" -k cuda "${tests[@]}"
+        "${timeout_flag[@]}" -m cuda "${tests[@]}"
     note "$(printf '%-8s %s' '' "$(grep -E '(passed|failed|skipped|error)' "$OUTDIR/tests.log" | tail -n 1)")"
+    summarize
+fi
+
+if wants bench; then
+    # shellcheck disable=SC2086
+    stage bench "$BENCH_S" "$OUTDIR/bench.log" "$PYTHON" benchmarks/throughput.py --device "$DEVICE" \
+        --images "$WORK/faces/img_align_celeba" --limit 0 --json "$OUTDIR/throughput.json" $BENCH_ARGS
+    note "$(printf '%-8s %s' '' "$("$PYTHON" benchmarks/report.py bench "$OUTDIR/throughput.json" 2>&1 | tail -n 1)")"
     summarize
 fi
 

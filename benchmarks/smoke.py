@@ -5,8 +5,10 @@
 1. versions: Python, torch, CUDA, the GPU, and the packages the loaders use;
 2. decoder: which JPEG decoder the torch loader's GPU path loaded (TorchCodec, or torchvision's fallback);
 3. cache: the validation split filled into a resident cache by the torch loader, and one batch from it;
-4. step: train.py's default training step (bf16, channels_last, compiled on CUDA) on that batch: the
-   first call, which compiles, then a few timed calls;
+4. step: train.py's training step (bf16, channels_last, train.py's TF32 and cuDNN settings) on that
+   batch, eager: the first call, then a few timed calls. Not compiled unless --compile: a compile here
+   would fill inductor's on-disk caches, and the answer stage after it would measure a warm compile as
+   if it were a machine's first;
 5. decode: a batch of a few hundred JPEGs decoded on the device (pipeline/torch_loader.py's
    `gpu_decode`) against the workers' CPU decode of the same files: images/s of each and the mean
    absolute difference of the pixels (bound: tests/test_cuda.py's CUDA_BOUND).
@@ -45,8 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128, help="the step's batch (default: 128, the seed's)")
     p.add_argument("--workers", type=int, default=2, help="the cache fill's loader processes (default: 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after the first (default: 5)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the step (default: train.py's choice on this device)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="compile the step (default: off, so that the GPU check's answer stage compiles first)")
     args = p.parse_args(argv)
     args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                                else args.device)
@@ -98,7 +100,7 @@ def step(args, state) -> dict:
     if images is None:
         raise RuntimeError("no batch: the cache check failed")
     amp, _ = resolve_amp("auto", args.device)
-    compile_on = resolve_compile(args.compile, args.device, amp)[0]
+    compile_on = resolve_compile(args.compile, args.device, amp)[0] if args.compile else False
     model = VariationalAutoEncoder().to(args.device, memory_format=torch.channels_last)
     train_step = TrainStep(model, make_optimizer(model.parameters(), 3e-4, args.device), args.device, amp=amp,
                            compile=compile_on)
@@ -149,8 +151,9 @@ def decode(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device.type == "cuda":
+    if args.device.type == "cuda":  # train.py's settings
         torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     results, state, failed = {}, {}, []
     checks = [("versions", lambda: versions(args)), ("decoder", lambda: decoder(args)),
               ("cache", lambda: cache_batch(args, state)), ("step", lambda: step(args, state)),

@@ -193,10 +193,15 @@ class StaticStep:
             self._warm_up(warmup, stream)
             self._restore(saved)
             if capture:
+                current = torch.cuda.current_stream(self.device)
                 try:
                     self._capture(stream)
                     self.why = "captured: each step is one CUDA graph replay"
                 except Exception as exn:  # noqa: BLE001 -- any failure to capture leaves the eager step
+                    # torch.cuda.graph's __exit__ raises from capture_end() before it puts the stream back,
+                    # and a failed capture_begin() never reaches __exit__: the capture's side stream would
+                    # stay current for the rest of the run (docs/cuda-paths.md, section 12).
+                    torch.cuda.set_stream(current)
                     self.graph = None
                     for group in train_step.optimizer.param_groups:
                         group["capturable"] = train_step.optimizer.defaults["capturable"]

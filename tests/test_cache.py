@@ -72,6 +72,7 @@ def test_mirror_flips_exactly_the_chosen_images():
     assert not torch.equal(images[0], images[0].flip(1)), "a mirror must be told from the original"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the same ops run on the CPU above)")
 def test_on_cuda_the_same_ops_give_the_same_batches_without_a_host_sync(shards):
     filled = build_loader("cache", shards, "train", BATCH, "cpu", workers=0).cache

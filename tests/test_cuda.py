@@ -15,7 +15,7 @@ from model import VariationalAutoEncoder
 from model.step import TrainStep, make_optimizer
 from pipeline import build_loader
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 BATCH = 16
 CUDA = torch.device("cuda")

@@ -20,7 +20,11 @@ from pipeline import build_loader
 
 BATCH = 16
 FAST = ["--batch-size", "32", "--workers", "1", "--no-compile"]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cuda(test):
+    """A CUDA-only test: marked `cuda` (benchmarks/gpu_check.sh selects these with -m cuda), skipped without a GPU."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +115,12 @@ def same_weights(a, b):
 @pytest.mark.flag_effect("train.py", "--cuda-graph")
 def test_cuda_graph_on_a_cpu_says_so_in_one_line_and_trains_alike(shards, tmp_path, capsys):
     """On a CPU --cuda-graph on cannot capture: one line says so, and the static-buffer step runs through
-    train.py uncaptured, giving the ordinary step's weights and losses bit for bit."""
-    assert run(shards, tmp_path / "off", "--epochs", "1", "--cache", "on", "--cuda-graph", "off") == 0
+    train.py uncaptured, giving the ordinary step's weights and losses bit for bit. Pinned to the CPU: on
+    a GPU machine --device auto would be CUDA, where the graph captures."""
+    cpu = ["--device", "cpu", "--epochs", "1", "--cache", "on"]
+    assert run(shards, tmp_path / "off", *cpu, "--cuda-graph", "off") == 0
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith(("--cuda-graph", "cuda graph"))]
-    assert run(shards, tmp_path / "on", "--epochs", "1", "--cache", "on", "--cuda-graph", "on") == 0
+    assert run(shards, tmp_path / "on", *cpu, "--cuda-graph", "on") == 0
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("--cuda-graph", "cuda graph"))]
     assert said == ["--cuda-graph on: the device is cpu, which has no CUDA graphs; the same static-buffer step "
                     "runs uncaptured"]
@@ -259,6 +265,28 @@ def test_a_failed_capture_is_one_line_and_the_step_trains_uncaptured(cuda_cache)
     moved = (flat(ref_model) - start).norm()
     assert (flat(model) - flat(ref_model)).norm() <= 0.01 * moved
     torch.testing.assert_close(static.sums, ref.sums, rtol=1e-3, atol=0)
+
+
+@cuda
+def test_a_failed_capture_puts_back_the_stream_it_found(cuda_cache):
+    """torch.cuda.graph's __exit__ raises from capture_end() before it restores the current stream: after
+    the fallback the stream that was current before the capture (here a stream of the test's own, not the
+    default one) is current again, not the capture's side stream (docs/cuda-paths.md, section 12)."""
+    _, step = make("cuda")
+    real = step.forward_loss
+
+    def reads_the_loss(images):
+        out = real(images)
+        if torch.cuda.is_current_stream_capturing():
+            out.loss.item()
+        return out
+    step.forward_loss = reads_the_loss
+    mine = torch.cuda.Stream()
+    with torch.cuda.stream(mine):
+        static = StaticStep(step, cuda_cache, capture=True, report=lambda line: None)
+        assert not static.graphed
+        assert torch.cuda.current_stream() == mine, "the capture's side stream is still current"
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
 
 
 @cuda

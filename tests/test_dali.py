@@ -141,6 +141,7 @@ def test_cuda_without_cuda_is_a_clear_error(shards):
         build_loader("dali", shards, "val", BATCH, "cuda")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU-only pipeline is tested above)")
 def test_cuda_batches_match_the_cpu_pipeline(shards):
     cuda = build_loader("dali", shards, "val", BATCH, "cuda", with_keys=True)

@@ -402,6 +402,7 @@ def test_generate_runs_the_model_on_the_device_asked_for(small_weights, tmp_path
     assert asked == [torch.device("meta")]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.flag_effect("generate.py", "--device")
 def test_generate_on_cuda_draws_the_faces_it_draws_on_the_cpu(small_weights, tmp_path):
