@@ -1,6 +1,7 @@
 """The benchmarks: throughput.py in its quickest form (every row there, measured or skipped with a reason),
-gpu_check.sh's dry runs on the CPU (the whole check, and a budget that cuts it), and the 40-epoch
-projection that benchmarks/report.py and benchmarks/celeba_epochs.py make.
+the GPU check rehearsed on the CPU from a fresh clone (benchmarks/rehearse.sh: every stage, the
+benchmark cut by its cap), the CUDA tests' marker, and the 40-epoch projection that benchmarks/report.py
+and benchmarks/celeba_epochs.py make.
 
 No test asserts a speed: timings on a shared 2-core machine say nothing about the code.
 """
@@ -78,24 +79,19 @@ def test_unknown_loader_is_refused():
     assert result.returncode == 2 and "unknown tensorflow" in result.stderr
 
 
-# ----------------------------------------------------------------------------- benchmarks/gpu_check.sh, dry runs
+# ----------------------------------------------------------------------------- the GPU check, rehearsed
 
 RESULT_FILES = ["answer.log", "bench.log", "results.json", "setup.log", "smoke.log", "summary.txt", "tests.log",
                 "throughput.json"]
-DRY_RUN = {  # every stage on the CPU, at sizes that keep the whole check to a few minutes on 2 cores; the
-    # GPU's caps and budget would stop stages on a busy 2-core machine, where only the script is tested
-    "DEVICE": "cpu", "INSTALL": "0", "BUDGET_S": "1500", "SMOKE_S": "600", "ANSWER_S": "600", "GRAPH_S": "600",
-    "BENCH_S": "600", "TESTS_S": "600", "IMAGES": "200", "EPOCHS": "2", "RESIDENT_TRAIN": "128", "RESIDENT_VAL": "32",
-    "TRAIN_ARGS": "--batch-size 32 --workers 1 --no-compile",
-    "SMOKE_ARGS": "--batch-size 32 --workers 1 --decode 32 --steps 2 --no-compile",
-    "BENCH_ARGS": "--quick --no-compile --loaders torch,cache --batch-size 16 --workers 1 --steps 1 --repeats 2",
+REHEARSAL = {  # every stage on the CPU, at sizes that keep the whole rehearsal to about two minutes on 2 cores;
+    # the GPU's caps and budget would stop stages on a busy 2-core machine, where only the plumbing is tested.
+    # The benchmark's 10 s windows (--steps 1000 is cut down to fit one) put its cut after the first row.
+    "BUDGET_S": "900", "SMOKE_S": "300", "ANSWER_S": "300", "WARM_S": "300", "GRAPH_S": "300", "TESTS_S": "300",
+    "BENCH_S": "50", "IMAGES": "200", "EPOCHS": "2", "WARM_EPOCHS": "1", "RESIDENT_TRAIN": "64", "RESIDENT_VAL": "16",
+    "TRAIN_ARGS": "--batch-size 16 --workers 1 --no-compile",
+    "SMOKE_ARGS": "--batch-size 16 --workers 1 --decode 16 --steps 1",
+    "BENCH_ARGS": "--no-compile --batch-size 16 --workers 1 --steps 1000 --repeats 2",
 }
-
-
-def gpu_check(out, **settings):
-    env = {**os.environ, "PYTHON": sys.executable, **DRY_RUN, **settings}
-    return subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
 
 
 def check_limits(out):
@@ -108,79 +104,143 @@ def check_limits(out):
         assert re.fullmatch(r"[A-Za-z0-9._-]+", path.name), path
 
 
-def test_the_dry_run_of_the_gpu_check_returns_the_projection_by_part_in_eight_files(tmp_path):
-    """benchmarks/gpu_check.sh with DEVICE=cpu: every stage runs (the CUDA tests skip), within the limits on
-    what comes back, and the first lines of summary.txt are the 40-epoch projection that results.json holds
-    with each part. On a GPU the same script runs the same stages on CUDA (docs/cuda-paths.md)."""
-    out = tmp_path / "out"
-    result = gpu_check(out)
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_the_rehearsal_runs_the_device_call_from_a_fresh_clone_and_returns_the_answer_in_eight_files(tmp_path):
+    """benchmarks/rehearse.sh: the committed tree cloned, .whl/ made there by make_wheels.sh, an interpreter
+    with torch and none of the project's packages (webdataset, simplejpeg, TorchCodec come from the wheels,
+    DALI not at all), the device call's command line with DEVICE=cpu. Every stage runs (the CUDA tests,
+    selected by their marker, skip); the benchmark is cut by its cap and keeps the rows finished before;
+    what comes back fits the device's limits, and summary.txt's first line is the answer."""
+    out = tmp_path / "back"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OUT")}
+    result = subprocess.run(["bash", "benchmarks/rehearse.sh", str(out)], cwd=ROOT, capture_output=True, text=True,
+                            env={**env, "TORCH_PYTHON": sys.executable, "TMPDIR": str(tmp_path), **REHEARSAL},
+                            timeout=900)
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said  # the benchmark's cut, alone
+    assert "rehearsal: 8 files came back" in result.stdout and "left out" not in said, said
     assert sorted(p.name for p in out.iterdir()) == RESULT_FILES
     check_limits(out)
+    assert re.search(r"python3 = \S+/python/bin/python3", result.stdout), said  # the stand-in, first on PATH
+    setup = (out / "setup.log").read_text()
+    assert re.search(r"^webdataset \d", setup, re.M) and re.search(r"^simplejpeg \d", setup, re.M), setup
+    assert re.search(r"^nvidia\.dali missing", setup, re.M), "the stand-in interpreter sees DALI: " + setup
     results = json.loads((out / "results.json").read_text())
     summary = (out / "summary.txt").read_text().splitlines()
 
-    answer = results["answer"]
+    from benchmarks.report import PARTS
+    answer, warm, graph = results["answer"], results["warm"], results["graph"]
     projection = answer["projection"]
     parts = projection["parts_s"]
-    assert list(parts) == ["fill_train", "fill_val", "compile", "steps", "evaluation", "checkpoints", "pictures",
-                           "other"]
+    assert list(parts) == list(PARTS)
     assert all(v >= 0 for k, v in parts.items() if k != "other")
-    assert parts["fill_train"] > 0 and parts["fill_val"] > 0 and parts["steps"] > 0 and parts["evaluation"] > 0
-    assert parts["checkpoints"] > 0 and parts["pictures"] > 0
+    for key in ("fill_train", "fill_val", "write", "steps", "evaluation", "checkpoints", "pictures"):
+        assert parts[key] > 0, key
     assert projection["total_s"] == pytest.approx(sum(parts.values()), abs=0.01)
     assert projection["epochs"] == 40 and projection["train_images"] == 162_770
-    assert len(answer["epochs"]) == 2 and answer["train_images"] == 128 and answer["batch_size"] == 32
+    assert len(answer["epochs"]) == 2 and answer["train_images"] == 64 and answer["batch_size"] == 16
     for epoch in answer["epochs"]:
         split = sum(epoch[k] for k in ("steps_s", "eval_s", "checkpoint_s", "figures_s", "other_s"))
         assert epoch["wall_s"] == pytest.approx(split, abs=0.01) and epoch["steps_s"] > 0
-    # the fills were measured on the shards' real JPEGs (160-odd training images of the 200), not the tiles
-    assert 128 < answer["fill"]["train"]["images"] < 200 and answer["fill"]["train"]["seconds"] > 0
+    # the answer decoded the shards' real JPEGs (160-odd training images of the 200, not the tiles) and wrote
+    # the decoded file; the warm and graph runs loaded it, and say so
+    assert 64 < answer["fill"]["train"]["images"] < 200 and answer["fill"]["train"]["seconds"] > 0
+    assert answer["fill"]["train"]["source"] == "decoded" and answer["fill"]["train"]["write_s"] > 0
+    assert answer["compile_where"] == "epoch 1"
+    for run in (warm, graph):
+        assert {f["source"] for f in run["fill"].values()} == {"loaded"}, run["fill"]
+        assert "write_s" not in run["fill"]["train"] and run["projection"]["parts_s"]["write"] == 0
+    assert graph["comparison"]["agrees"], graph["comparison"]
 
-    assert summary[0].startswith("40 CelebA epochs (162,770 training images, batch 32, not the seed 128) on ")
-    assert summary[0].endswith(f"{projection['total_s']:.1f} s projected")
-    assert all(f"{name} " in summary[1] for name in ("fill train", "compile", "steps", "evaluation", "checkpoints",
-                                                       "pictures"))
-    for stage in ("shards", "smoke", "answer", "bench", "tests"):
+    total, warm_total = projection["total_s"], warm["projection"]["total_s"]
+    assert summary[0].startswith(f"40 CelebA epochs: {total:.1f} s cold, {warm_total:.1f} s warm (steps "), summary
+    assert summary[0].endswith(" on CPU, batch 16 (not the seed 128)"), summary[0]
+    assert all(f"{name} " in summary[1] for name in ("setup", "fill train", "write", "compile", "steps", "evaluation",
+                                                       "checkpoints", "pictures"))
+    assert any("train " in line and "decoded" in line for line in summary if line.startswith("  answer run's fills"))
+    assert any("loaded from the decoded file" in line for line in summary if line.startswith("  warm run's fills"))
+    assert any(line.startswith("  --cuda-graph on: steps only, each later epoch: graphed ") for line in summary), summary
+    for stage in ("install", "shards", "smoke", "answer", "warm", "graph", "tests"):
         assert any(line.startswith(stage) and " ok " in line for line in summary), (stage, summary)
-    graph = [line for line in summary if line.startswith("graph")]
-    assert graph and (" ok " in graph[0] or "skipped" in graph[0]), summary
-    assert "every stage ok" in summary[-1]
+    assert "some stages did not pass" in summary[-1]
 
     smoke = results["smoke"]
     assert smoke["failed"] == [] and smoke["decoder"]["name"] in ("torchcodec", "torchvision")
     assert smoke["decode"]["mean_abs_difference"] < 1.0 and smoke["step"]["ms_per_step"] > 0
-    bench = json.loads((out / "throughput.json").read_text())
-    assert "interrupted" not in bench and bench["env"]["device"] == "cpu" and bench["env"]["no_compile"]
-    for section in ("train_step", "loaders", "end_to_end"):
-        assert bench[section] and all("img_per_s" in row or row.get("skipped") for row in bench[section].values())
-    assert "img_per_s" in bench["end_to_end"]["cache"] and "img_per_s" in bench["train_step"]["default"]
+    assert smoke["step"]["compile"] is False  # the answer's compile is the machine's first
     tests = (out / "tests.log").read_text()
-    assert re.search(r"\d+ skipped", tests) and " failed" not in tests  # no CUDA here: every CUDA test skips
+    assert " -m cuda " in tests and " -k " not in tests
+    assert re.search(r"\d+ skipped, \d+ deselected", tests) and " failed" not in tests  # no CUDA here: each skips
 
-
-def test_a_budget_that_cuts_the_benchmark_keeps_the_rows_finished_before(tmp_path):
-    """The budget runs out in the middle of the benchmark: the stage is stopped with SIGINT, the rows
-    measured before the cut are in a JSON that parses, and summary.txt says which stage stopped.
-    Each training row here takes two 10 s windows (--steps 1000 is cut down to fit one), so with 50 to
-    60 s for the stage the cut falls after the first row and long before the last."""
-    out = tmp_path / "out"
-    result = gpu_check(out, STAGES="bench", BUDGET_S="70", BENCH_S="150",
-                       BENCH_ARGS="--no-compile --batch-size 16 --workers 1 --steps 1000 --repeats 2")
-    assert result.returncode != 0, result.stdout + result.stderr
-    check_limits(out)
-    summary = (out / "summary.txt").read_text()
-    assert summary.startswith("40 CelebA epochs: not projected: the answer stage did not finish")
-    assert re.search(r"^bench +STOPPED .*what it finished is kept", summary, re.M), summary
-    assert re.search(r"stopped during (step|loader|end to end) ", summary), summary
+    # The benchmark, stopped by its cap: the rows measured before the cut are in a JSON that parses.
+    assert re.search(r"^bench +STOPPED .*what it finished is kept", "\n".join(summary), re.M), summary
+    assert re.search(r"stopped during (step|loader|end to end) ", "\n".join(summary)), summary
     bench = json.loads((out / "throughput.json").read_text())
-    assert bench["interrupted"], bench
+    assert bench["interrupted"] and bench["env"]["device"] == "cpu" and bench["env"]["no_compile"], bench
     assert bench["train_step"]["seed"]["img_per_s"] > 0  # the first row, finished before the cut
     finished = [row for section in ("train_step", "loaders", "end_to_end") for row in bench[section].values()
                 if "img_per_s" in row]
     assert "img_per_s" not in bench["end_to_end"].get("cache", {}), "the cut came after the last row"
     assert all(row["ms_per_step"] > 0 and row["runs_img_per_s"] for row in finished if "ms_per_step" in row)
     assert "STOPPED during " in (out / "bench.log").read_text()
+
+
+def test_no_answer_names_the_stage_that_failed_and_its_log(tmp_path):
+    from benchmarks import report
+    header = "gpu_check 2026-12-05 16:35:02 UTC | device cuda | stages smoke,answer,warm | budget 360s"
+    failed = [header, "install  ok         1s", "env      python 3.12.3 | torch 2.11.0+cu130",
+              "shards   ok         4s", "answer   FAILED    12s  (exit 1; see answer.log)"]
+    assert report.answer_line({}, failed) == "no answer: answer failed, see answer.log"
+    env = [header, "env      FAILED (exit 1; see setup.log): error: DEVICE is cuda but torch sees no GPU"]
+    assert report.answer_line({}, env) == "no answer: env failed, see setup.log"
+    assert report.answer_line({}, [header, "shards   ok  4s"]) == "no answer: answer did not finish, see answer.log"
+    bench_only = [header.replace("smoke,answer,warm", "bench")]
+    assert report.answer_line({}, bench_only) == "no answer: the answer stage is not in STAGES=bench"
+    results, stages = tmp_path / "results.json", tmp_path / "stages.txt"
+    stages.write_text("\n".join(failed) + "\n")
+    report.merge(results, "answer", {"error": "train.py returned 1 after 0 epochs (see answer.log)"})
+    report.write_summary(results, stages, tmp_path / "summary.txt")
+    lines = (tmp_path / "summary.txt").read_text().splitlines()
+    assert lines[:2] == ["no answer: answer failed, see answer.log", "  train.py returned 1 after 0 epochs (see answer.log)"]
+
+
+def test_the_carried_wheels_are_the_versions_the_suite_runs():
+    """benchmarks/wheels.txt pins what make_wheels.sh downloads; they must be the versions installed here."""
+    from importlib.metadata import version
+    pins = [line.split("==") for line in (ROOT / "benchmarks" / "wheels.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert {name for name, _ in pins} == {"webdataset", "braceexpand", "simplejpeg", "torchcodec"}
+    assert {name: version(name) for name, _ in pins} == dict(pins)
+
+
+def test_cuda_tests_are_chosen_by_their_marker_and_each_needs_cuda_or_pins_the_cpu(tmp_path):
+    """Every test marked `cuda` (the GPU check's tests stage runs `pytest -m cuda`) is skipped here, where
+    there is no GPU, with a reason that names CUDA, unless it pins --device cpu; the stage selects by the
+    marker, never by name matching, and names every file that holds such a test (DALI's only where DALI
+    is installed there)."""
+    report = tmp_path / "cuda.xml"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+                             f"--junitxml={report}", "tests/"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    import xml.etree.ElementTree as ET
+    cases = ET.parse(report).getroot().iter("testcase")
+    files = set()
+    count = 0
+    for case in cases:
+        count += 1
+        path = ROOT / (case.get("classname").replace(".", "/") + ".py")
+        files.add(path.name)
+        skipped = case.find("skipped")
+        if skipped is not None:
+            assert "CUDA" in skipped.get("message", ""), (case.get("name"), skipped.get("message"))
+        else:
+            name = case.get("name").split("[")[0]
+            body = re.search(rf"\ndef {name}\(.*?(?=\n(?:def |@|class )|\Z)", path.read_text(), re.S).group(0)
+            assert '"--device", "cpu"' in body, f"{name} is marked cuda, ran here and does not pin --device cpu"
+    assert count >= 15
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    assert re.search(r"pytest .*\n?.* -m cuda ", script) and not re.search(r"pytest[^\n]*\n?[^\n]* -k ", script)
+    named = set(re.findall(r"tests/(test_\w+\.py)", script))
+    assert files <= named, f"CUDA tests in files the tests stage does not run: {sorted(files - named)}"
 
 
 # ----------------------------------------------------------------------------- the projection and its report
@@ -216,19 +276,69 @@ def test_the_projection_adds_every_part_for_40_epochs():
     assert project(streamed)["parts_s"]["fill_val"] == 0
 
 
-def test_the_summary_starts_with_the_projection_in_seconds(tmp_path):
+def test_the_compile_is_counted_once_wherever_it_happened():
+    """Inside epoch 1 (the ordinary step compiles on its first call) epoch 1's steps hold it: taken out of
+    them, added as its own part. Before epoch 1 (--cuda-graph on warms up and captures first, and
+    metrics.jsonl's first row has compile_s) epoch 1's steps do not hold it: added, nothing taken out."""
+    from benchmarks.report import project
+    k = (162_770 // 128) / (162_770 // 10 // 128)
+    later = 39 * 1.1 * k
+    inside = project(measured_run(compile_where="epoch 1"))["parts_s"]
+    assert inside["compile"] == 20.0 and inside["steps"] == pytest.approx(1.0 * k + later, abs=1e-3)
+    before = measured_run(compile_where="before epoch 1")
+    before["epochs"][0]["steps_s"] = 1.0  # what epoch 1's steps take when the compile ran before it
+    before = project(before)["parts_s"]
+    assert before["compile"] == 20.0 and before["steps"] == pytest.approx(inside["steps"], abs=1e-3)
+    # the same measured epoch 1 read the other way: the 20 s are counted in the steps and as the compile
+    twice = project(measured_run(compile_where="before epoch 1"))["parts_s"]
+    assert twice["steps"] - inside["steps"] == pytest.approx(20.0 * k, abs=1e-3)
+
+
+def test_the_fill_counts_its_start_once_and_a_loaded_fill_is_reported_as_loaded():
+    from benchmarks.report import fill_note, project
+    run = measured_run()
+    # 1.0 s to the first batch of 256, then 2,744 more in 2.0 s; the decoded file written in 0.3 s
+    run["fill"]["train"] = {"images": 3000, "seconds": 3.0, "cached": True, "source": "decoded",
+                            "first_batch_s": 1.0, "first_batch_images": 256, "write_s": 0.3}
+    run["fill"]["val"] = {"images": 400, "seconds": 0.01, "cached": True, "source": "loaded"}
+    parts = project(run)["parts_s"]
+    assert parts["fill_train"] == pytest.approx(1.0 + (162_770 - 256) * 2.0 / 2744, abs=1e-3)
+    assert parts["fill_train"] < 162_770 * 3.0 / 3000  # not the start-up counted 54 times
+    assert parts["write"] == pytest.approx(0.3 * 162_770 / 3000, abs=1e-3)
+    assert parts["fill_val"] == pytest.approx(19_867 * 0.01 / 400, abs=1e-3)
+    assert "(loaded from the decoded file)" in fill_note(run["fill"]["val"])
+    assert "1.00 s to the first batch, then 1,372 img/s" in fill_note(run["fill"]["train"])
+
+
+def test_the_summary_starts_with_the_answer_cold_and_warm(tmp_path):
     from benchmarks import report
     results = tmp_path / "results.json"
-    report.merge(results, "answer", {"projection": report.project(measured_run()), "device": "NVIDIA H200"})
-    report.merge(results, "graph", {"skipped": "train.py has no --cuda-graph flag yet"})
+    cold, warm = measured_run(), measured_run(compile_s=3.0)
+    warm["epochs"][0]["steps_s"] = 4.0  # its first step compiled from inductor's caches
+    warm["fill"] = {"train": {"images": 3000, "seconds": 0.05, "cached": True, "source": "loaded"},
+                    "val": {"images": 400, "seconds": 0.01, "cached": True, "source": "loaded"}}
+    report.merge(results, "answer", {"projection": report.project(cold), "device": "NVIDIA H200", "fill": cold["fill"],
+                                     "compile_where": "epoch 1"})
+    report.merge(results, "warm", {"projection": report.project(warm), "fill": warm["fill"]})
+    graphed = measured_run(compile_where="before epoch 1")
+    for epoch in graphed["epochs"][1:]:
+        epoch["steps_s"] /= 2
+    report.merge(results, "graph", {"projection": report.project(graphed),
+                                    "comparison": {"verdict": "validation loss within 0.10%"}})
     stages = tmp_path / "stages.txt"
     stages.write_text("smoke    ok        40s\n")
     report.write_summary(results, stages, tmp_path / "summary.txt")
     lines = (tmp_path / "summary.txt").read_text().splitlines()
-    total = report.project(measured_run())["total_s"]
-    assert lines[0] == f"40 CelebA epochs (162,770 training images, batch 128) on NVIDIA H200: {total:.1f} s projected"
-    assert lines[1].startswith("  = fill train 27.1 s + fill val 5.0 s + compile 20.0 s + steps ")
-    assert "--cuda-graph: train.py has no --cuda-graph flag yet" in lines[3] and lines[-1].startswith("smoke")
+    total, warm_total = report.project(cold)["total_s"], report.project(warm)["total_s"]
+    assert warm_total < total
+    assert lines[0].startswith(f"40 CelebA epochs: {total:.1f} s cold, {warm_total:.1f} s warm (steps ")
+    assert "fill 32.1 s cold, " in lines[0] and "compile 20.0 s cold, 3.0 s warm" in lines[0]
+    assert lines[0].endswith(" on NVIDIA H200, batch 128")
+    assert lines[1].startswith("  cold = setup 0.0 s + fill train 27.1 s + fill val 5.0 s + write 0.0 s + compile 20.0 s")
+    assert lines[2].startswith("  warm = ")
+    graph = [line for line in lines if line.startswith("  --cuda-graph on: steps only")]
+    assert graph and "(2.00x the default's speed)" in graph[0] and "within 0.10%" in graph[0], lines
+    assert lines[-1].startswith("smoke")
 
 
 def test_fit_cuts_large_files_and_names_what_would_not_come_back(tmp_path):
@@ -264,18 +374,21 @@ def test_the_epoch_split_prefers_train_pys_own_figures():
     assert source["eval_s"] == "benchmark timers" and epochs[0]["figures_s"] == pytest.approx(0.3)
     assert epochs[0]["wall_s"] == 10.0 and epochs[1]["wall_s"] == 9.5  # the last ends where the samples start
     assert epochs[0]["other_s"] == pytest.approx(10.0 - 7.0 - 0.5 - 0.4 - 0.3)
+    recorder.first_step_started = 0.5  # inside epoch 1
     assert ce.compile_seconds(recorder, old, epochs, 32, 256) == (pytest.approx(3.0 - 8.0 / 8),
-                                                                  "the first step's time less a later step's")
+                                                                  "the first step's time less a later step's", "epoch 1")
+    recorder.first_step_started = -4.0  # a warm-up before epoch 1 (--cuda-graph on) took the first step
+    assert ce.compile_seconds(recorder, old, epochs, 32, 256)[2] == "before epoch 1"
     new = [{**old[0], "eval_s": 0.45, "checkpoint_s": 0.35, "figures_s": 0.25, "compile_s": 2.5},
            {**old[1], "eval_s": 0.55, "checkpoint_s": 0.36, "figures_s": 0.26}]
     epochs, source = ce.epoch_parts(recorder, new)
     assert source == {"eval_s": "metrics.jsonl", "checkpoint_s": "metrics.jsonl", "figures_s": "metrics.jsonl",
                       "steps_s": "metrics.jsonl"}
     assert (epochs[0]["eval_s"], epochs[0]["checkpoint_s"], epochs[0]["figures_s"]) == (0.45, 0.35, 0.25)
-    assert ce.compile_seconds(recorder, new, epochs, 32, 256) == (2.5, "metrics.jsonl compile_s")
+    assert ce.compile_seconds(recorder, new, epochs, 32, 256) == (2.5, "metrics.jsonl compile_s", "before epoch 1")
 
 
 def test_gpu_check_scripts_parse():
-    for script in ("benchmarks/gpu_check.sh", "benchmarks/make_wheels.sh"):
+    for script in ("benchmarks/gpu_check.sh", "benchmarks/make_wheels.sh", "benchmarks/rehearse.sh"):
         result = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
