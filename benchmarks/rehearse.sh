@@ -17,7 +17,9 @@
 #    copied to RESULTS_DIR; anything else is named as left out, and the rehearsal fails.
 #
 # Settings: the torch-holding interpreter TORCH_PYTHON (default: .venv/bin/python, else python3); every
-# setting of gpu_check.sh (STAGES, BUDGET_S, IMAGES, TRAIN_ARGS, ...) passes through; DEVICE is cpu.
+# setting of gpu_check.sh (STAGES, BUDGET_S, IMAGES, TRAIN_ARGS, ...) passes through; DEVICE is cpu. Its
+# sizes and caps default to a CPU's, below (CelebA-sized resident splits would take hours on a CPU): the
+# rehearsal tests the plumbing, about two minutes on 2 cores, never a speed.
 # Exit status: gpu_check.sh's, or 1 when the set-up or the limits on what comes back fail.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,6 +27,13 @@ RESULTS=$(mkdir -p "${1:-$ROOT/rehearsal}" && cd "${1:-$ROOT/rehearsal}" && pwd)
 if [[ -z ${TORCH_PYTHON:-} ]]; then
     if [[ -x $ROOT/.venv/bin/python ]]; then TORCH_PYTHON=$ROOT/.venv/bin/python; else TORCH_PYTHON=python3; fi
 fi
+# A CPU's sizes, unless set: every stage runs, in minutes; the caps leave a busy 2-core machine time to finish.
+: "${BUDGET_S:=900}" "${SMOKE_S:=300}" "${ANSWER_S:=300}" "${WARM_S:=300}" "${GRAPH_S:=300}" "${TESTS_S:=300}"
+: "${BENCH_S:=300}" "${IMAGES:=200}" "${EPOCHS:=2}" "${WARM_EPOCHS:=1}" "${RESIDENT_TRAIN:=64}" "${RESIDENT_VAL:=16}"
+: "${TRAIN_ARGS:=--batch-size 16 --workers 1 --no-compile}" "${SMOKE_ARGS:=--batch-size 16 --workers 1 --decode 16 --steps 1}"
+: "${BENCH_ARGS:=--quick --no-compile --loaders torch,cache --batch-size 16 --workers 1 --steps 1 --repeats 2}"
+export BUDGET_S SMOKE_S ANSWER_S WARM_S GRAPH_S TESTS_S BENCH_S IMAGES EPOCHS WARM_EPOCHS RESIDENT_TRAIN RESIDENT_VAL \
+    TRAIN_ARGS SMOKE_ARGS BENCH_ARGS
 MAX_FILES=8 MAX_BYTES=$((16 << 20)) MAX_TOTAL=$((64 << 20)) MAX_SENT_KIB=$((64 << 10))
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/rehearse.XXXXXX")
 trap 'rm -rf "$SCRATCH"' EXIT
