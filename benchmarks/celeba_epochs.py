@@ -205,7 +205,8 @@ class Recorder:
                 timers.append((name, timed(name, getattr(train, name))))
         patches = [mock.patch.object(train, name, value) for name, value in essential + timers]
         patches.append(mock.patch.object(train, "TrainStep", FirstStepTimed))
-        patches += [mock.patch.object(pipeline.cache, "fill", fill), mock.patch.object(pipeline.cache, "save_file", save_file)]
+        patches += [mock.patch.object(pipeline.cache, "fill", fill),
+                    mock.patch.object(pipeline.cache, "save_file", save_file)]
         if hasattr(train, "figures") and hasattr(train.figures, "save_curves"):
             patches.append(mock.patch.object(train.figures, "save_curves",
                                              timed("save_curves", train.figures.save_curves)))

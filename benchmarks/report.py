@@ -187,7 +187,8 @@ def answer_line(results: dict, stage_lines: list[str]) -> str:
                    f"decoded-file write {cold['write']:.1f} s", f"compile {cold['compile']:.1f} s cold, "
                    f"{w['compile']:.1f} s warm"]
     else:
-        pieces += [f"fill {fill:.1f} s", f"decoded-file write {cold['write']:.1f} s", f"compile {cold['compile']:.1f} s"]
+        pieces += [f"fill {fill:.1f} s", f"decoded-file write {cold['write']:.1f} s",
+                   f"compile {cold['compile']:.1f} s"]
     pieces += [f"{name} {cold[name]:.1f} s" for name in ("setup", "evaluation", "checkpoints", "pictures", "other")]
     batch = parts["batch_size"]
     return (f"{parts['epochs']} CelebA epochs: {parts['total_s']:.1f} s cold, {warm_total} ({', '.join(pieces)}) "

@@ -156,7 +156,8 @@ def test_the_rehearsal_runs_the_device_call_from_a_fresh_clone_and_returns_the_a
                                                        "checkpoints", "pictures"))
     assert any("train " in line and "decoded" in line for line in summary if line.startswith("  answer run's fills"))
     assert any("loaded from the decoded file" in line for line in summary if line.startswith("  warm run's fills"))
-    assert any(line.startswith("  --cuda-graph on: steps only, each later epoch: graphed ") for line in summary), summary
+    graph_line = "  --cuda-graph on: steps only, each later epoch: graphed "
+    assert any(line.startswith(graph_line) for line in summary), summary
     for stage in ("install", "shards", "smoke", "answer", "warm", "graph", "tests"):
         assert any(line.startswith(stage) and " ok " in line for line in summary), (stage, summary)
     assert "some stages did not pass" in summary[-1]
@@ -198,7 +199,8 @@ def test_no_answer_names_the_stage_that_failed_and_its_log(tmp_path):
     report.merge(results, "answer", {"error": "train.py returned 1 after 0 epochs (see answer.log)"})
     report.write_summary(results, stages, tmp_path / "summary.txt")
     lines = (tmp_path / "summary.txt").read_text().splitlines()
-    assert lines[:2] == ["no answer: answer failed, see answer.log", "  train.py returned 1 after 0 epochs (see answer.log)"]
+    assert lines[:2] == ["no answer: answer failed, see answer.log",
+                         "  train.py returned 1 after 0 epochs (see answer.log)"]
 
 
 def test_the_carried_wheels_are_the_versions_the_suite_runs():
@@ -332,7 +334,8 @@ def test_the_summary_starts_with_the_answer_cold_and_warm(tmp_path):
     assert lines[0].startswith(f"40 CelebA epochs: {total:.1f} s cold, {warm_total:.1f} s warm (steps ")
     assert "fill 32.1 s cold, " in lines[0] and "compile 20.0 s cold, 3.0 s warm" in lines[0]
     assert lines[0].endswith(" on NVIDIA H200, batch 128")
-    assert lines[1].startswith("  cold = setup 0.0 s + fill train 27.1 s + fill val 5.0 s + write 0.0 s + compile 20.0 s")
+    assert lines[1].startswith("  cold = setup 0.0 s + fill train 27.1 s + fill val 5.0 s + write 0.0 s + "
+                               "compile 20.0 s")
     assert lines[2].startswith("  warm = ")
     graph = [line for line in lines if line.startswith("  --cuda-graph on: steps only")]
     assert graph and "(2.00x the default's speed)" in graph[0] and "within 0.10%" in graph[0], lines
