@@ -169,7 +169,7 @@ note "env      $(grep -m1 '^python ' "$SETUP_LOG")"
 if wants smoke || wants answer || wants warm || wants graph || wants bench; then
     stage shards 90 "$SETUP_LOG" "$PYTHON" prep/shard.py --synthetic "$IMAGES" \
         --data-path "$WORK/faces/img_align_celeba" --output-dir "$WORK/shards" --quiet ||
-        { note "the stages need the shards: stopping"; exit 1; }
+        { note "the stages need the shards: stopping"; summarize; exit 1; }
 fi
 
 # ----------------------------------------------------------------------------- the stages
