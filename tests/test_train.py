@@ -194,8 +194,8 @@ def test_missing_shards_say_what_to_do(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_ctrl_c_keeps_the_last_checkpoint_and_resume_continues(shards, tmp_path):
-    cmd = [sys.executable, "train.py", "--data-path", str(shards), "--output-dir", str(tmp_path), *FAST,
+def test_ctrl_c_keeps_the_last_checkpoint_and_resume_continues(tiny, tmp_path):
+    cmd = [sys.executable, "train.py", "--data-path", str(tiny), "--output-dir", str(tmp_path), *FAST,
            "--batch-size", "8", "--epochs", "50"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -207,7 +207,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_continues(shards, tmp_path)
     done = torch.load(tmp_path / "checkpoint.pt")["epoch"]
     assert f"holds epoch {done}: continue with `python train.py " in err and err.rstrip().endswith(" --resume`")
     assert done >= 1
-    assert run(shards, tmp_path, "--batch-size", "8", "--epochs", str(done + 1), "--resume") == 0
+    assert run(tiny, tmp_path, "--batch-size", "8", "--epochs", str(done + 1), "--resume") == 0
     assert metrics(tmp_path)[-1]["epoch"] == done + 1
 
 
@@ -273,17 +273,17 @@ def test_setup_device_names_the_gpu_it_sets(monkeypatch):
 
 
 @pytest.mark.flag_effect("train.py", "--tensorboard")
-def test_tensorboard_logs_scalars_and_reconstructions(shards, tmp_path):
+def test_tensorboard_logs_scalars_and_reconstructions(tiny, tmp_path):
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed: pip install -e '.[tensorboard]'")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert run(shards, tmp_path, "--epochs", "2", "--tensorboard") == 0
+    assert run(tiny, tmp_path, "--epochs", "2", "--tensorboard") == 0
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
     tags = events.Tags()
     for tag in ("train_step/loss", "train_step/bce", "train_step/kl", "epoch/train_loss", "epoch/val_loss",
                 "epoch/val_psnr", "epoch/val_mse", "epoch/val_active_dims", "epoch/val_bits_per_dim", "epoch/lr"):
         assert tag in tags["scalars"], tag
-    steps_per_epoch = len(train.build_loader("torch", shards, "train", 32, "cpu", workers=0))
+    steps_per_epoch = len(train.build_loader("torch", tiny, "train", 32, "cpu", workers=0))
     assert [e.step for e in events.Scalars("train_step/loss")] == [steps_per_epoch, 2 * steps_per_epoch]
     rows = metrics(tmp_path)
     assert [e.step for e in events.Scalars("epoch/val_psnr")] == [1, 2]
