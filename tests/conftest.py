@@ -1,4 +1,24 @@
-"""Shared fixtures: a small synthetic face set and its shards, made once per test session."""
+"""Shared fixtures: a small synthetic face set, its shards, and finished training runs, made once per session.
+
+The suite's budget is five minutes on two cores (docs/tests.md), and a training run is what costs: each
+train.py run pays its start-up, its epochs and the end-of-training quality work (GMM, SWD, attributes).
+To add a test that needs a trained run, in this order of preference:
+
+1. Read a run that exists: `trained` (3 epochs, streamed, batch 32, seed 0) is the uninterrupted reference
+   for the tests of train.py and generate.py; tests/test_train.py's `cached_run` is the same with the
+   resident cache. A test that must change the folder copies it first (shutil.copytree).
+2. Stop train.main() where the flag has been used instead of training (tests/test_flag_effects.py's
+   `main_until`), or build the loaders or the step alone.
+3. Train only what the assertion needs, on `tiny` (48 faces, a few steps per epoch), in process
+   (`train.main(train.parse_args([...]))` or `train.run([...])`), with `--workers 1 --no-compile`, one or two
+   epochs; compare a resumed run with an existing uninterrupted one rather than training a second.
+4. A subprocess or torchrun launch only for what needs a process of its own (signals, exit codes, ranks);
+   several tests that read one launch share it through a module- or session-scoped fixture
+   (tests/test_distributed.py's `probed_runs`).
+
+A fixture that more than one test file reads belongs here; one that one file reads belongs in that file,
+scoped to the module. pytest prints the 15 slowest tests at the end of every run.
+"""
 
 import json
 import shutil

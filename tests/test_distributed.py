@@ -302,12 +302,17 @@ def test_resume_under_torchrun_continues_bit_identically(two_ranks, shards, tmp_
     # The straight run's checkpoint after epoch 1 is what a run stopped there would have left.
     flags = ["--data-path", str(shards), "--output-dir", str(tmp_path / "out"), *FLAGS, *CASES[case],
              "--threads", "1", "--resume", str(probe / "checkpoint-epoch1.pt")]
-    log = launches(one_node("train.py", *flags), tmp_path / "log", env=without_omp()).finished()
-    assert "after epoch 1" in log
-    assert same_weights(weights(tmp_path / "out" / "vae_celeba.pth"), weights(out / "vae_celeba.pth"))
+    resumed_log = launches(one_node("train.py", *flags), tmp_path / "log", env=without_omp()).finished()
+    assert "after epoch 1" in resumed_log
+    # On a difference, what each run did before training (device, cache plan, decoded or loaded, steps).
+    def setup(text):
+        return [line.split("\r")[-1] for line in text.splitlines()
+                if line.startswith(("device ", "cache ", "cached ", "resumed from ", f"{CASES[case][1]} loader: "))]
+    setups = "\n".join(["straight run:", *setup(log), "resumed run:", *setup(resumed_log)])
+    assert same_weights(weights(tmp_path / "out" / "vae_celeba.pth"), weights(out / "vae_celeba.pth")), setups
     straight, resumed = metrics(out)[-1], metrics(tmp_path / "out")[-1]
     assert {k: v for k, v in resumed.items() if k not in train.TIMINGS} == {
-        k: v for k, v in straight.items() if k not in train.TIMINGS}
+        k: v for k, v in straight.items() if k not in train.TIMINGS}, setups
 
 
 # ----------------------------------------------------------------------------- two machines, played by one

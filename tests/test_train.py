@@ -1,5 +1,7 @@
 """train.py end to end on the synthetic shards, on the CPU."""
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -99,45 +101,47 @@ def same_weights(a, b):
 
 
 @pytest.mark.flag_effect("train.py", "--resume")
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(shards, tmp_path):
-    assert run(shards, tmp_path / "straight", "--epochs", "2", "--seed", "3", "--cache", "off") == 0
-    assert run(shards, tmp_path / "resumed", "--epochs", "1", "--seed", "3", "--cache", "off") == 0
-    assert run(shards, tmp_path / "resumed", "--epochs", "2", "--seed", "3", "--cache", "off", "--resume") == 0
-    assert same_weights(tmp_path / "straight", tmp_path / "resumed")
-    rows = metrics(tmp_path / "resumed")
-    assert [r["epoch"] for r in rows] == [1, 2]
+def test_a_streamed_run_resumed_with_another_worker_count_gives_the_uninterrupted_weights(shards, trained, tmp_path):
+    """One epoch, then --resume to three: the weights of `trained`, three epochs without a stop. The streamed
+    epoch order depends on (seed, epoch) alone, so -j may change between stop and resume (here 0, then 3;
+    `trained` ran with 1)."""
+    assert run(shards, tmp_path, "--epochs", "1", "--cache", "off", "--workers", "0") == 0
+    assert run(shards, tmp_path, "--epochs", "3", "--cache", "off", "--workers", "3", "--resume") == 0
+    assert same_weights(trained, tmp_path)
+    rows = metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
     # The wall clock continues from the first run's rather than starting again.
     assert rows[1]["wall_s"] >= rows[0]["wall_s"] + rows[1]["seconds"]
 
 
-def test_streaming_resume_with_another_worker_count_gives_the_same_weights(shards, tmp_path):
-    """The streamed epoch order depends on (seed, epoch) alone: -j may change between stop and resume."""
-    common = ("--seed", "3", "--cache", "off")
-    assert run(shards, tmp_path / "straight", "--epochs", "2", *common, "--workers", "2") == 0
-    assert run(shards, tmp_path / "resumed", "--epochs", "1", *common, "--workers", "0") == 0
-    assert run(shards, tmp_path / "resumed", "--epochs", "2", *common, "--workers", "3", "--resume") == 0
-    assert same_weights(tmp_path / "straight", tmp_path / "resumed")
+@pytest.fixture(scope="module")
+def cached_run(shards, tmp_path_factory):
+    """The output folder of a 3-epoch run with --cache auto (which caches both splits of `shards`), batch 32,
+    and what it printed."""
+    out = tmp_path_factory.mktemp("cached") / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert run(shards, out, "--epochs", "3") == 0
+    return out, printed.getvalue()
 
 
-def test_resume_with_the_cache_gives_the_same_weights_as_an_uninterrupted_run(shards, tmp_path, capsys):
-    assert run(shards, tmp_path / "straight", "--epochs", "2", "--seed", "3", "--cache", "on") == 0
-    assert run(shards, tmp_path / "resumed", "--epochs", "1", "--seed", "3", "--cache", "on") == 0
+def test_resume_with_the_cache_gives_the_same_weights_as_an_uninterrupted_run(shards, cached_run, tmp_path, capsys):
+    assert run(shards, tmp_path, "--epochs", "1", "--cache", "on") == 0
     capsys.readouterr()
     # --cache auto, the default, would stream a single remaining epoch; resuming, it keeps the cache.
-    assert run(shards, tmp_path / "resumed", "--epochs", "2", "--seed", "3", "--resume") == 0
+    assert run(shards, tmp_path, "--epochs", "3", "--resume") == 0
     assert capsys.readouterr().out.splitlines()[1].startswith("cache on (the run being resumed used it")
-    assert same_weights(tmp_path / "straight", tmp_path / "resumed")
-    assert [r["epoch"] for r in metrics(tmp_path / "resumed")] == [1, 2]
+    assert same_weights(cached_run[0], tmp_path)
+    assert [r["epoch"] for r in metrics(tmp_path)] == [1, 2, 3]
 
 
-def test_the_cache_trains_and_writes_the_same_outputs(shards, trained, tmp_path, capsys):
-    capsys.readouterr()
-    assert run(shards, tmp_path, "--epochs", "3") == 0  # --cache auto: 3 epochs of a small split
-    lines = capsys.readouterr().out.splitlines()[1:]  # after the device line
+def test_the_cache_trains_and_writes_the_same_outputs(cached_run, trained):
+    out, printed = cached_run
+    lines = printed.splitlines()[1:]  # after the device line
     assert lines[0].startswith("cache on (3 epochs to run): train 2.4 MB + val 294.9 kB in RAM")
     assert lines[1].startswith("cached train: 194 images in ") and lines[2].startswith("cached val: 24 images in ")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in trained.iterdir())
-    rows, streamed = metrics(tmp_path), metrics(trained)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in trained.iterdir())
+    rows, streamed = metrics(out), metrics(trained)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] and rows[-1]["val_loss"] < rows[0]["val_loss"]
     # The same images in another order: a cache that served wrong pixels would land far from the streamed run.
@@ -190,8 +194,8 @@ def test_missing_shards_say_what_to_do(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_ctrl_c_keeps_the_last_checkpoint_and_resume_continues(shards, tmp_path):
-    cmd = [sys.executable, "train.py", "--data-path", str(shards), "--output-dir", str(tmp_path), *FAST,
+def test_ctrl_c_keeps_the_last_checkpoint_and_resume_continues(tiny, tmp_path):
+    cmd = [sys.executable, "train.py", "--data-path", str(tiny), "--output-dir", str(tmp_path), *FAST,
            "--batch-size", "8", "--epochs", "50"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -203,7 +207,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_continues(shards, tmp_path)
     done = torch.load(tmp_path / "checkpoint.pt")["epoch"]
     assert f"holds epoch {done}: continue with `python train.py " in err and err.rstrip().endswith(" --resume`")
     assert done >= 1
-    assert run(shards, tmp_path, "--batch-size", "8", "--epochs", str(done + 1), "--resume") == 0
+    assert run(tiny, tmp_path, "--batch-size", "8", "--epochs", str(done + 1), "--resume") == 0
     assert metrics(tmp_path)[-1]["epoch"] == done + 1
 
 
@@ -269,17 +273,17 @@ def test_setup_device_names_the_gpu_it_sets(monkeypatch):
 
 
 @pytest.mark.flag_effect("train.py", "--tensorboard")
-def test_tensorboard_logs_scalars_and_reconstructions(shards, tmp_path):
+def test_tensorboard_logs_scalars_and_reconstructions(tiny, tmp_path):
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed: pip install -e '.[tensorboard]'")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert run(shards, tmp_path, "--epochs", "2", "--tensorboard") == 0
+    assert run(tiny, tmp_path, "--epochs", "2", "--tensorboard") == 0
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
     tags = events.Tags()
     for tag in ("train_step/loss", "train_step/bce", "train_step/kl", "epoch/train_loss", "epoch/val_loss",
                 "epoch/val_psnr", "epoch/val_mse", "epoch/val_active_dims", "epoch/val_bits_per_dim", "epoch/lr"):
         assert tag in tags["scalars"], tag
-    steps_per_epoch = len(train.build_loader("torch", shards, "train", 32, "cpu", workers=0))
+    steps_per_epoch = len(train.build_loader("torch", tiny, "train", 32, "cpu", workers=0))
     assert [e.step for e in events.Scalars("train_step/loss")] == [steps_per_epoch, 2 * steps_per_epoch]
     rows = metrics(tmp_path)
     assert [e.step for e in events.Scalars("epoch/val_psnr")] == [1, 2]
