@@ -90,12 +90,16 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat
           (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
 
 
-def open_regular(path) -> int:
+def open_regular(path, follow_links: bool = False) -> int:
     """A read-only descriptor of `path`, which must be a regular file: opened without following a link
     (O_NOFOLLOW) and without blocking (O_NONBLOCK: a FIFO with no writer would block the open or the
     read forever), then checked with fstat, so a FIFO, a device or a socket is refused before any read.
-    FileNotFoundError passes through; anything else that is not a regular file is NotRegularFile."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    FileNotFoundError passes through; anything else that is not a regular file is NotRegularFile.
+    `follow_links` is for paths the user typed (generate.py's photos, prep's image folder), never for
+    names found in a folder that came from elsewhere."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow_links:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
@@ -112,10 +116,10 @@ def open_regular(path) -> int:
     return fd
 
 
-def read_regular(path, limit: int | None = None) -> bytes:
+def read_regular(path, limit: int | None = None, follow_links: bool = False) -> bytes:
     """The bytes of the regular file `path` (`open_regular`), reading no more than the size fstat gives
     when it is opened; NotRegularFile when that size is over `limit`."""
-    fd = open_regular(path)
+    fd = open_regular(path, follow_links)
     with os.fdopen(fd, "rb", buffering=0) as f:
         size = os.fstat(fd).st_size
         if limit is not None and size > limit:

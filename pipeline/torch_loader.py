@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.cli import first_line
 from pipeline.files import NotRegularFile, open_regular
 from pipeline.geometry import IMAGE_SIZE, crop_box
+from pipeline.images import check_pixels, open_image
 from pipeline.shards import SHUFFLE_BUFFER, DataError, epoch_order, rank_samples, rebuild_hint, split_shards, take
 
 SHUFFLE_START = 256  # the buffer yields from this size on and grows to SHUFFLE_BUFFER: epochs start sooner
@@ -58,15 +59,23 @@ def decode_plan(width: int, height: int, crop: str) -> tuple[int, int, tuple[int
 
 
 def decode_crop(jpeg: bytes, crop: str) -> np.ndarray:
-    """JPEG bytes -> the crop region as (h, w, 3) uint8, decoded no larger than it needs to be."""
+    """JPEG bytes -> the crop region as (h, w, 3) uint8, decoded no larger than it needs to be. An image whose
+    header claims more than MAX_PIXELS is refused (TooManyPixels, a ValueError) before it is decoded."""
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
+    except ValueError:
+        height = width = None
+    if height is not None:
+        check_pixels(width, height)
+    try:
+        if height is None:
+            raise ValueError("not a JPEG simplejpeg reads")
         scaled_width, scaled_height, box = decode_plan(width, height, crop)
         image = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", min_width=scaled_width, min_height=scaled_height)
         if image.shape[:2] != (scaled_height, scaled_width):  # not the scale asked for: start again whole
             image, box = simplejpeg.decode_jpeg(jpeg, colorspace="RGB"), crop_box(width, height, crop)
     except ValueError:  # not a JPEG simplejpeg reads (CMYK, a PNG named .jpg): PIL reads the rest
-        image = np.array(Image.open(io.BytesIO(jpeg)).convert("RGB"))  # writable, as torch wants
+        image = np.array(open_image(jpeg).convert("RGB"))  # writable, as torch wants
         box = crop_box(image.shape[1], image.shape[0], crop)
     left, top, right, bottom = box
     return image[top:bottom, left:right]
