@@ -61,15 +61,19 @@ def open_image(data: bytes, what: str = "the image") -> Image.Image:
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError:
             image = None
-    if image is None:  # over twice PIL's bound: PIL does not say the size
+    if image is None:  # over twice PIL's bound, where PIL stops without saying the size
+        frame = jpeg_frame(data)
+        if frame is not None:
+            check_pixels(frame[3], frame[2], what)
         raise TooManyPixels(f"{what} is more than {2 * MAX_PIXELS:,} pixels by its header, more than the "
                             f"{MAX_PIXELS:,} this project decodes; shrink it first")
     check_pixels(*image.size, what)
     return image
 
 
-def jpeg_frame(data: bytes) -> tuple[int, int] | None:
-    """(SOF marker, sample precision) of a JPEG's frame header, or None when the markers do not lead to one."""
+def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(SOF marker, sample precision, height, width) of a JPEG's frame header, or None when the markers do
+    not lead to one."""
     pos = 2  # after SOI
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
@@ -79,7 +83,10 @@ def jpeg_frame(data: bytes) -> tuple[int, int] | None:
             pos += 1
             continue
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return (marker, data[pos + 4]) if pos + 4 < len(data) else None
+            if pos + 9 > len(data):
+                return None
+            return (marker, data[pos + 4], int.from_bytes(data[pos + 5:pos + 7], "big"),
+                    int.from_bytes(data[pos + 7:pos + 9], "big"))
         if marker == 0xDA:  # scan data before any frame header
             return None
         pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
@@ -97,7 +104,7 @@ def differences(image: Image.Image, data: bytes) -> list[str]:
         if frame is None:
             problems.append("no JPEG frame header found before the image data")
         else:
-            marker, precision = frame
+            marker, precision, _, _ = frame
             if marker != 0xC0:
                 problems.append(f"{SOF_NAMES[marker]} JPEG")
             if precision != 8:

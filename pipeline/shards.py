@@ -61,17 +61,24 @@ def load_manifest(data_path) -> dict:
     """The manifest of the shard folder `data_path`, checked by `manifest_problem`."""
     data_path = Path(data_path)
     path = data_path / MANIFEST
-    if not path.is_file():
+    try:
+        raw = read_regular(path, MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raw = None
+    except NotRegularFile as exn:
+        raise DataError(f"{exn}; {make_again_hint(data_path, overwrite=True)}") from None
+    except OSError as exn:
+        raise DataError(f"{path} is not a readable manifest ({exn.strerror or exn}); "
+                        f"{make_again_hint(data_path, overwrite=True)}") from None
+    if raw is None:
         hint = ("make the shards first: `python prep/shard.py` for CelebA in dataset/celeba/img_align_celeba, "
                 "or `python prep/shard.py --synthetic 5000` for the built-in synthetic faces")
         if data_path.is_dir() and any(data_path.glob("*.jpg")):
             hint = f"{data_path} holds JPEGs, not shards: run `{shard_command('--data-path', data_path)}` first"
         raise DataError(f"no {MANIFEST} in {data_path}: {hint}")
     try:
-        manifest = json.loads(read_regular(path, MAX_MANIFEST_BYTES))
-    except NotRegularFile as exn:
-        raise DataError(f"{exn}; {make_again_hint(data_path, overwrite=True)}") from None
-    except (OSError, ValueError, RecursionError) as exn:
+        manifest = json.loads(raw)
+    except (ValueError, RecursionError) as exn:
         raise DataError(f"{path} is not a readable manifest ({exn}); {make_again_hint(data_path, overwrite=True)}") \
             from None
     problem = manifest_problem(manifest)
@@ -176,6 +183,8 @@ def shard_claims_problem(shard: Shard, recorded_bytes: int | None) -> str | None
         fd = open_regular(shard.tar)
     except FileNotFoundError:
         return f"shard {shard.tar} is listed in the manifest but missing"
+    except NotRegularFile as exn:
+        return f"shard {exn}"
     except OSError as exn:
         return f"shard {shard.tar} cannot be read ({exn.strerror or exn})"
     size = os.fstat(fd).st_size
@@ -190,6 +199,8 @@ def shard_claims_problem(shard: Shard, recorded_bytes: int | None) -> str | None
         fd = open_regular(shard.idx)
     except FileNotFoundError:
         return f"index {shard.idx} of shard {shard.tar} is missing"
+    except NotRegularFile as exn:
+        return f"index {exn}"
     except OSError as exn:
         return f"index {shard.idx} of shard {shard.tar} cannot be read ({exn.strerror or exn})"
     try:

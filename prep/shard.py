@@ -342,7 +342,10 @@ class ShardWriter:
                 self.writer.close()  # else the tar stream writes its end into a closed file when collected
             except OSError:  # a full disk, say: the file goes anyway
                 pass
-            self.file.close()
+            try:
+                self.file.close()  # flushes what is buffered: on a full disk that fails again
+            except OSError:
+                pass
         self.tmp.unlink(missing_ok=True)
 
 
