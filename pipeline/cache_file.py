@@ -49,7 +49,7 @@ import torch
 from pipeline import files
 from pipeline.files import TMP_SUFFIX, atomic_write
 from pipeline.geometry import IMAGE_SIZE, PIXELS_VERSION
-from pipeline.shards import MANIFEST
+from pipeline.shards import MANIFEST, MAX_MANIFEST_BYTES
 
 MAGIC = b"VAECELEB"
 FORMAT = 1
@@ -110,7 +110,7 @@ def decoder_of(reader) -> tuple[str, str]:
 
 def expected_header(data_path, split: str, keys: list[str], decoder: str, crop: str) -> dict:
     """Every header field but the CRC-32, as this run would write it."""
-    manifest = hashlib.sha256((Path(data_path) / MANIFEST).read_bytes()).hexdigest()
+    manifest = hashlib.sha256(files.read_regular(Path(data_path) / MANIFEST, MAX_MANIFEST_BYTES)).hexdigest()
     return {"format": FORMAT, "manifest": manifest, "split": split,
             "keys": hashlib.sha256("\n".join(keys).encode()).hexdigest(), "loader": decoder, "crop": crop,
             "pixels": PIXELS_VERSION, "count": len(keys), "shape": SHAPE}

@@ -3,9 +3,11 @@
     python prep/shard.py                      # dataset/celeba/img_align_celeba -> dataset/celeba/shards
     python prep/shard.py --synthetic 5000     # make synthetic faces, then shard them
 
-Every image is decoded once to check it: files that do not decode are skipped, decodable images
-that are not baseline RGB JPEGs are re-encoded so every loader reads them alike, and both lists go
-into manifest.json. Shards are written under temporary names and renamed when whole, and a journal
+Every image is decoded once to check it: files that do not decode, or whose header claims more than
+pipeline/images.py's pixel bound, are skipped; images that some decoder would read otherwise than
+the rest (EXIF orientation, progressive frames, CMYK, grayscale, odd chroma subsampling, PNG, ...)
+are re-encoded upright as baseline RGB JPEGs, and both lists go into manifest.json. The output folder
+is locked while it runs (a second run on it stops, naming the first one's process). Shards are written under temporary names and renamed when whole, and a journal
 records each finished shard, so running the same command again after an interruption finishes the
 job without redoing or losing anything.
 
@@ -44,9 +46,10 @@ from tqdm import tqdm  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.attributes import (ATTRIBUTES, CELEBA_ATTRIBUTES_FILE, AttributeFileError, file_digest,  # noqa: E402
                                  format_attributes, parse_attributes)
-from pipeline.files import FolderBusy, atomic_write, lock_folder, read_regular, temporary_beside  # noqa: E402
+from pipeline.files import (FolderBusy, atomic_write, lock_folder, open_regular, read_regular,  # noqa: E402
+                            temporary_beside)
 from pipeline.images import DEFAULT_QUALITY, TooManyPixels, stored_form  # noqa: E402
-from pipeline.shards import MANIFEST, SPLITS, manifest_problem, shard_command  # noqa: E402
+from pipeline.shards import MANIFEST, MAX_MANIFEST_BYTES, SPLITS, manifest_problem, shard_command  # noqa: E402
 
 CELEBA_SPLIT = {"train": 162_770, "val": 19_867, "test": 19_962}  # official partition sizes
 PARTITION_FILE = "list_eval_partition.txt"
@@ -351,10 +354,15 @@ class ShardWriter:
 
 def read_journal(path: Path, plan_id: str, overwrite: bool) -> dict:
     """Shards finished by an earlier run of the same plan: name -> record."""
-    if not path.is_file():
+    try:
+        text = read_regular(path).decode(errors="replace")
+    except FileNotFoundError:
         return {}
+    except OSError as exn:
+        fail(f"cannot read {path} ({exn.strerror or exn}); pass --overwrite to start again, or choose another "
+             "--output-dir")
     lines = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             lines.append(json.loads(line))
         except ValueError:  # the last line, cut short by a crash: its shard is written again
@@ -390,12 +398,12 @@ def remove_temporaries(out: Path):
 def read_manifest(path: Path) -> tuple[dict | None, str | None]:
     """(the manifest of a finished run, None), or (None, why it is not one) when `path` exists but cannot
     be read or was not written by this script, or (None, None) when there is none."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return None, None
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exn:
-        return None, f"cannot be read ({exn})"
+        manifest = json.loads(read_regular(path, MAX_MANIFEST_BYTES))
+    except (OSError, ValueError, RecursionError) as exn:
+        return None, f"cannot be read ({getattr(exn, 'strerror', None) or exn})"
     if not isinstance(manifest, dict) or not {"plan", "splits", "num_samples"} <= manifest.keys() \
             or not isinstance(manifest["splits"], dict) \
             or not all(isinstance(manifest["splits"].get(s), dict) for s in SPLITS):
@@ -411,16 +419,23 @@ def shard_problem(out: Path, record: dict, deep: bool) -> str | None:
     """What is wrong with a shard the manifest lists, or None. Present, of the recorded size, and with an
     index of the recorded length; `deep` also compares the tar's SHA-256 and the whole index."""
     tar, idx = out / record["tar"], out / record["idx"]
-    if not tar.is_file():
+    if not os.path.lexists(tar):
         return "missing"
+    if tar.is_symlink() or not tar.is_file():
+        return "not a regular file"
     size = tar.stat().st_size
     if size != record["bytes"]:
         return f"{size} bytes where the manifest records {record['bytes']}"
     try:
-        with open(idx) as f:
-            header = f.readline().split()
-    except OSError:
+        fd = open_regular(idx)
+        try:
+            header = os.read(fd, 64).split(b"\n", 1)[0].decode(errors="replace").split()
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
         return f"its index {idx.name} is missing"
+    except OSError:
+        return f"its index {idx.name} is not a regular file"
     if header != [DALI_INDEX_VERSION, str(record["num_samples"])]:
         return f"its index {idx.name} does not match it"
     if not deep:
@@ -428,7 +443,7 @@ def shard_problem(out: Path, record: dict, deep: bool) -> str | None:
     if sha256_file(tar) != record["sha256"]:
         return "its SHA-256 differs from the manifest's"
     try:
-        matches = idx.read_text() == dali_index(tar)
+        matches = read_regular(idx).decode() == dali_index(tar)
     except (OSError, ValueError, tarfile.TarError):
         matches = False
     return None if matches else f"its index {idx.name} does not match it"
