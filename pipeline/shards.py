@@ -198,15 +198,15 @@ def shard_claims_problem(shard: Shard, recorded_bytes: int | None) -> str | None
     try:
         fd = open_regular(shard.idx)
     except FileNotFoundError:
-        return f"index {shard.idx} of shard {shard.tar} is missing"
+        return f"index {shard.idx} of shard {shard.tar} is missing, and without it {shard.tar.name} is unreadable"
     except NotRegularFile as exn:
         return f"index {exn}"
     except OSError as exn:
-        return f"index {shard.idx} of shard {shard.tar} cannot be read ({exn.strerror or exn})"
+        return f"index {shard.idx} of shard {shard.tar} is unreadable ({exn.strerror or exn})"
     try:
         first = os.read(fd, 64).split(b"\n", 1)[0].split()
     except OSError as exn:
-        return f"index {shard.idx} of shard {shard.tar} cannot be read ({exn.strerror or exn})"
+        return f"index {shard.idx} of shard {shard.tar} is unreadable ({exn.strerror or exn})"
     finally:
         os.close(fd)
     if len(first) != 2 or first[1] != str(shard.num_samples).encode():

@@ -242,6 +242,16 @@ class ShardStream(IterableDataset):
     def pack_bytes(batch, flips):
         # One buffer per batch: a tensor per JPEG would cost a shared-memory handle each.
         blobs = [sample["jpg"] for sample in batch]
+        for sample, blob in zip(batch, blobs):  # the device decoder sizes its output from the header alone
+            try:
+                height, width, _, _ = simplejpeg.decode_jpeg_header(blob)
+            except ValueError:  # not a JPEG simplejpeg reads: the decoder reports it, naming no size
+                continue
+            try:
+                check_pixels(width, height, f"sample {sample['__key__']}")
+            except ValueError as exn:
+                raise DataError(f"{exn} in {sample['__url__']}; {rebuild_hint(Path(sample['__url__']).parent)}") \
+                    from None
         data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
         return {"data": data, "lengths": [len(b) for b in blobs], "flips": torch.tensor(flips)}
 

@@ -35,7 +35,7 @@ from pipeline.cache import cached_loader
 from pipeline.files import FolderBusy, lock_folder
 from pipeline.images import MAX_PIXELS, TooManyPixels, open_image
 from pipeline.shards import MANIFEST, Shard, Span, load_manifest, split_shards
-from pipeline.torch_loader import read_spans
+from pipeline.torch_loader import ShardStream, decode_crop, read_spans
 from prep import shard
 
 
@@ -169,6 +169,16 @@ def test_generate_refuses_an_image_whose_header_claims_too_many_pixels(tmp_path,
             return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
         open_image(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", (30000).to_bytes(4, "big") * 2 + b"\x08\x02\0\0\0")
                    + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+def test_the_torch_loader_refuses_a_pixel_bomb_in_a_shard_before_decoding():
+    """A shard made elsewhere holds what prep would skip: both of the torch loader's decodes check the header."""
+    bomb = pixel_bomb(20000, 20000)
+    with pytest.raises(TooManyPixels, match="20000x20000"):
+        decode_crop(bomb, "center")
+    sample = {"__key__": "bomb", "__url__": "/shards/train-000000.tar", "jpg": bomb}
+    with pytest.raises(DataError, match="sample bomb is 20000x20000 pixels"):
+        ShardStream.pack_bytes([sample], [False])
 
 
 def test_prep_skips_an_image_whose_header_claims_too_many_pixels(faces_dir, tmp_path):
