@@ -248,10 +248,10 @@ class ShardStream(IterableDataset):
             except ValueError:  # not a JPEG simplejpeg reads: the decoder reports it, naming no size
                 continue
             try:
-                check_pixels(width, height, f"sample {sample['__key__']}")
+                check_pixels(width, height, f"sample {sample.get('__key__', '')}")
             except ValueError as exn:
-                raise DataError(f"{exn} in {sample['__url__']}; {rebuild_hint(Path(sample['__url__']).parent)}") \
-                    from None
+                url = sample.get("__url__", "")
+                raise DataError(f"{exn} in {url}; {rebuild_hint(Path(url).parent)}") from None
         data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
         return {"data": data, "lengths": [len(b) for b in blobs], "flips": torch.tensor(flips)}
 
