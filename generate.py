@@ -32,11 +32,13 @@ from model import figures, quality
 from model.checkpoint import CheckpointError, load_weights
 from pipeline import build_loader, cli
 from pipeline.attributes import shard_attributes
-from pipeline.files import atomic_write
+from pipeline.files import atomic_write, read_regular
 from pipeline.geometry import CROPS
+from pipeline.images import DEFAULT_QUALITY, TooManyPixels, stored_form
 from pipeline.shards import DataError, load_manifest
 from pipeline.torch_loader import decode_resized
 
+MAX_FILE_BYTES = 1 << 28  # of an image to reconstruct: over any camera's JPEG, short of memory trouble
 MODES = ("samples", "reconstruct", "interpolate", "attribute", "fit_gmm", "evaluate")
 DEFAULT_OUT = {"samples": "samples.png", "reconstruct": "reconstructions.png", "interpolate": "interpolation.png",
                "attribute": "attribute.png"}
@@ -174,17 +176,22 @@ def image_files(paths: list[Path], limit: int) -> list[Path]:
 
 
 def read_image(path: Path, crop: str) -> torch.Tensor:
-    """An image file -> (3, 64, 64) uint8, through the loaders' decode, crop and resize."""
+    """An image file -> (3, 64, 64) uint8 as a training image would be: the bytes prep/shard.py would store
+    (pipeline/images.py's `stored_form`: EXIF orientation applied, anything a decoder could read otherwise
+    re-encoded), then the loaders' decode, crop and resize."""
     try:
-        data = path.read_bytes()
+        data = read_regular(path, MAX_FILE_BYTES, follow_links=True)
     except OSError as exn:
-        raise GenerateError(f"{path}: cannot read it ({exn.strerror or exn})") from exn
+        raise GenerateError(f"{path}: cannot read it ({exn.strerror or exn})") from None
     try:
+        data, _ = stored_form(data, DEFAULT_QUALITY, what=str(path))
         return torch.from_numpy(decode_resized(data, crop)).permute(2, 0, 1)
-    except (OSError, ValueError, SyntaxError) as exn:
+    except TooManyPixels as exn:
+        raise GenerateError(str(exn)) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exn:
         detail = "" if isinstance(exn, UnidentifiedImageError) else f": {exn}"  # that one names only a BytesIO
         raise GenerateError(f"{path} is not an image that decodes (JPEG, PNG or another format Pillow "
-                            f"reads){detail}") from exn
+                            f"reads){detail}") from None
 
 
 def read_images(paths: list[Path], crop: str, device) -> torch.Tensor:

@@ -13,8 +13,11 @@ into ATTRIBUTES in the shard folder, keyed by sample key, listed in manifest.jso
 import hashlib
 from pathlib import Path
 
+from pipeline.files import read_regular
+
 CELEBA_ATTRIBUTES_FILE = "list_attr_celeba.txt"  # beside img_align_celeba/, as CelebA ships it
 ATTRIBUTES = "attributes.txt"  # in the shard folder: the same format, one row per sample key
+MAX_ATTRIBUTE_BYTES = 1 << 28  # CelebA's 202,599 rows take 26 MB
 
 
 class AttributeFileError(ValueError):
@@ -70,8 +73,8 @@ def shard_attributes(data_path, manifest: dict) -> tuple[list[str], dict[str, li
         raise AttributeFileError(f"{Path(data_path) / 'manifest.json'}: its attributes entry {name!r} is not a plain "
                               f"file name inside the shard folder; run prep/shard.py again")
     path = Path(data_path) / name
-    try:
-        text = path.read_text()
+    try:  # a regular file in the folder: not a link (to /dev/zero, say), not a FIFO that never ends
+        text = read_regular(path, MAX_ATTRIBUTE_BYTES).decode()
     except (OSError, UnicodeDecodeError) as exn:
         raise AttributeFileError(f"{path}: cannot read it ({getattr(exn, 'strerror', None) or exn}); "
                               f"run prep/shard.py again") from None

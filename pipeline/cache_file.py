@@ -46,9 +46,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline import files
 from pipeline.files import TMP_SUFFIX, atomic_write
 from pipeline.geometry import IMAGE_SIZE, PIXELS_VERSION
-from pipeline.shards import MANIFEST
+from pipeline.shards import MANIFEST, MAX_MANIFEST_BYTES
 
 MAGIC = b"VAECELEB"
 FORMAT = 1
@@ -109,7 +110,7 @@ def decoder_of(reader) -> tuple[str, str]:
 
 def expected_header(data_path, split: str, keys: list[str], decoder: str, crop: str) -> dict:
     """Every header field but the CRC-32, as this run would write it."""
-    manifest = hashlib.sha256((Path(data_path) / MANIFEST).read_bytes()).hexdigest()
+    manifest = hashlib.sha256(files.read_regular(Path(data_path) / MANIFEST, MAX_MANIFEST_BYTES)).hexdigest()
     return {"format": FORMAT, "manifest": manifest, "split": split,
             "keys": hashlib.sha256("\n".join(keys).encode()).hexdigest(), "loader": decoder, "crop": crop,
             "pixels": PIXELS_VERSION, "count": len(keys), "shape": SHAPE}
@@ -154,20 +155,16 @@ def parse_header(block: bytes, expected: dict) -> int:
 
 
 def open_regular(path: Path) -> int:
-    """A read-only descriptor of `path`, which must be a regular file and not a link."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    """A read-only descriptor of `path`, which must be a regular file and not a link (pipeline/files.py)."""
     try:
-        fd = os.open(path, flags)
+        return files.open_regular(path)
     except FileNotFoundError:
         raise
+    except files.NotRegularFile as exn:
+        why = "it is a link, and links are not followed" if exn.errno == errno.ELOOP else "it is not a regular file"
+        raise Unusable(why) from None
     except OSError as exn:
-        if exn.errno == errno.ELOOP:
-            raise Unusable("it is a link, and links are not followed") from None
         raise Unusable(f"it cannot be opened ({exn.strerror or exn})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise Unusable("it is not a regular file")
-    return fd
 
 
 def read_exactly(f, view: memoryview) -> None:

@@ -18,14 +18,17 @@ iterator's first pass: DALI's reader never stops at an epoch end, only the itera
 
 import io
 import math
+import os
 import random
 import re
 
 import torch
 
 from pipeline import DALI_INSTALL
+from pipeline.files import open_regular
 from pipeline.geometry import CROP_OF, CROP_SIDE, IMAGE_SIZE
-from pipeline.shards import SHUFFLE_BUFFER, DataError, epoch_order, rebuild_hint, split_shards, take
+from pipeline.shards import (SHUFFLE_BUFFER, DataError, epoch_order, read_index_text, rebuild_hint, split_shards,
+                             take)
 
 INSTALL_HINT = f"the dali loader needs NVIDIA DALI: {DALI_INSTALL}"
 READER = "reader"
@@ -74,18 +77,43 @@ def face_pipeline(tars, idxs, shard_id, num_shards, shuffle, initial_fill, crop,
     return images, fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
 
 
+def index_problem(text: str, shard, tar_size: int) -> str | None:
+    """What makes the `.idx` text of `shard` unusable by DALI, or None: the header must give the
+    manifest's count, and each line `jpg OFFSET SIZE MEMBER` a member that lies after its own header,
+    inside the tar, after the previous member's end (DALI would read a negative or overlapping range
+    and fail with a stack trace, or read another member's bytes)."""
+    header, *lines = text.splitlines() or [""]
+    if header.split() != ["v1.2", str(shard.num_samples)] or len(lines) != shard.num_samples:
+        return "does not match the shard and the manifest"
+    end = 0  # where the previous member's data ends
+    for n, line in enumerate(lines, 2):
+        row = line.split()
+        if len(row) != 4 or row[0] != "jpg" or not all(re.fullmatch(r"-?[0-9]{1,20}", v) for v in row[1:3]):
+            return f"line {n} is not 'jpg OFFSET SIZE MEMBER'"
+        offset, size = int(row[1]), int(row[2])
+        if offset < 0 or size < 0:
+            return f"line {n} gives a negative {'offset' if offset < 0 else 'size'}"
+        if offset < end + 512:  # a member's data follows its 512-byte header
+            return f"line {n}'s member at offset {offset} overlaps the member before it (which ends at {end})"
+        if offset + size > tar_size:
+            return f"line {n}'s member ends at byte {offset + size:,}, past the tar's {tar_size:,}"
+        end = offset + size
+    return None
+
+
 def read_index(shard, tar_size, hint="run prep/shard.py again"):
     """The `.idx` rows [ext, offset, size, member], checked against the manifest and the tar."""
     try:
-        header, *lines = shard.idx.read_text().splitlines()
-        rows = [line.split() for line in lines]
-        if header.split() == ["v1.2", str(shard.num_samples)] and len(rows) == shard.num_samples and all(
-                len(r) == 4 and r[0] == "jpg" and int(r[1]) + int(r[2]) <= tar_size for r in rows):
-            return rows
-    except (OSError, ValueError):
-        pass
-    raise DataError(f"index {shard.idx} of shard {shard.tar} is missing or does not match the shard and the "
-                    f"manifest; {hint}")
+        text = read_index_text(shard)
+    except FileNotFoundError:
+        problem = "is missing"
+    except (OSError, ValueError) as exn:
+        problem = f"cannot be read ({getattr(exn, 'strerror', None) or exn})"
+    else:
+        problem = index_problem(text, shard, tar_size)
+        if problem is None:
+            return [line.split() for line in text.splitlines()[1:]]
+    raise DataError(f"index {shard.idx} of shard {shard.tar} {problem}; {hint}")
 
 
 def check_shards(data_path, split, shards) -> dict:
@@ -101,8 +129,9 @@ def find_undecodable(spans):
     """(shard, key) of the first sample PIL cannot decode: DALI's decode errors do not say which."""
     from PIL import Image
     for span in spans:
-        with open(span.shard.tar, "rb") as tar:
-            for _, offset, size, member in read_index(span.shard, math.inf)[span.start:span.stop]:
+        with os.fdopen(open_regular(span.shard.tar), "rb") as tar:
+            tar_size = os.fstat(tar.fileno()).st_size
+            for _, offset, size, member in read_index(span.shard, tar_size)[span.start:span.stop]:
                 tar.seek(int(offset))
                 try:
                     with Image.open(io.BytesIO(tar.read(int(size)))) as im:

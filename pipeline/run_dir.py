@@ -9,12 +9,10 @@ whose output names are taken by files no marker lists is refused, with or withou
 
 The marker is read as untrusted data: every name in it must be a plain file name that train.py
 writes (no separator, no `..`), or the folder is refused. The lock is `fcntl.flock` on the folder
-itself, held until the run ends: no lock file to plant, link or leave behind, and the kernel drops it
-when the process ends, however it ends. Imports nothing heavy.
+itself, held until the run ends (pipeline/files.py's `lock_folder`, which prep/shard.py takes too):
+no lock file to plant, link or leave behind, and the kernel drops it when the process ends. Imports nothing heavy.
 """
 
-import errno
-import fcntl
 import json
 import os
 import re
@@ -24,7 +22,7 @@ import weakref
 from pathlib import Path
 
 from pipeline.cli import first_line
-from pipeline.files import TMP_SUFFIX, atomic_write
+from pipeline.files import TMP_SUFFIX, FolderBusy, atomic_write, lock_folder
 
 # The names train.py writes into --output-dir (model/quality.py names the end-of-training figures' files).
 CHECKPOINT, WEIGHTS, METRICS = "checkpoint.pt", "vae_celeba.pth", "metrics.jsonl"
@@ -105,10 +103,6 @@ def holder(folder: Path) -> str:
     return "a process whose id it has not written yet"
 
 
-def _open_folder(folder: Path) -> int:
-    return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
-
-
 def _busy(folder: Path) -> RunDirError:
     return RunDirError(f"--output-dir {folder} is in use by another train.py ({holder(folder)}): wait for it to "
                        f"end, or choose another --output-dir")
@@ -118,16 +112,11 @@ def check_not_locked(folder: Path) -> None:
     """Stops when another run holds `folder`; creates nothing."""
     if not Path(folder).is_dir():
         return
-    fd = _open_folder(folder)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fd = lock_folder(folder)
+    except FolderBusy:
         raise _busy(folder) from None
-    except OSError as exn:
-        if exn.errno not in (errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-    finally:
-        os.close(fd)  # closing drops the probe's lock
+    os.close(fd)  # closing drops the probe's lock
 
 
 class RunDir:
@@ -136,15 +125,10 @@ class RunDir:
     def __init__(self, folder: Path):
         """Takes the folder's lock (held until this process ends), or RunDirError naming its holder."""
         self.folder = Path(folder)
-        self.fd = _open_folder(self.folder)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
+        try:  # on a file system without flock, the marker still guards against mix-ups
+            self.fd = lock_folder(self.folder)
+        except FolderBusy:
             raise _busy(self.folder) from None
-        except OSError as exn:  # a file system without flock: the marker still guards against mix-ups
-            if exn.errno not in (errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
         self.files, self.tb, self.data = set(), {"created": False, "events": []}, {}
         self._release = weakref.finalize(self, os.close, self.fd)  # also when main() ends by an exception
 

@@ -7,10 +7,13 @@ samples rest out an epoch); evaluation gives every sample to exactly one rank.
 """
 
 import json
+import os
 import random
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.files import NotRegularFile, open_regular, read_regular
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
@@ -19,6 +22,12 @@ REBUILD_FLAGS = ("--data-path", "--shard-size", "--seed", "--quality", "--partit
 # Samples each training loader's shuffle buffer holds (torch: of the plan, per rank; dali: the reader's
 # initial fill, at least); the shards are already shuffled at write time.
 SHUFFLE_BUFFER = 2000
+# The least a sample takes in a tar: a 512-byte member header and one 512-byte block of data (prep/shard.py
+# skips empty images). A count claimed by a manifest is checked against the tar's size with it, before
+# anything is sized from that count.
+MIN_SAMPLE_BYTES = 1024
+MAX_MANIFEST_BYTES = 1 << 26  # CelebA's manifest, with every file listed as re-encoded, is a few MB
+INDEX_LINE_BYTES = 512  # at most per `.idx` line: "jpg OFFSET SIZE NAME", NAME a file name of at most 255 bytes
 
 
 class DataError(RuntimeError):
@@ -52,17 +61,26 @@ def load_manifest(data_path) -> dict:
     """The manifest of the shard folder `data_path`, checked by `manifest_problem`."""
     data_path = Path(data_path)
     path = data_path / MANIFEST
-    if not path.is_file():
+    try:
+        raw = read_regular(path, MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raw = None
+    except NotRegularFile as exn:
+        raise DataError(f"{exn}; {make_again_hint(data_path, overwrite=True)}") from None
+    except OSError as exn:
+        raise DataError(f"{path} is not a readable manifest ({exn.strerror or exn}); "
+                        f"{make_again_hint(data_path, overwrite=True)}") from None
+    if raw is None:
         hint = ("make the shards first: `python prep/shard.py` for CelebA in dataset/celeba/img_align_celeba, "
                 "or `python prep/shard.py --synthetic 5000` for the built-in synthetic faces")
         if data_path.is_dir() and any(data_path.glob("*.jpg")):
             hint = f"{data_path} holds JPEGs, not shards: run `{shard_command('--data-path', data_path)}` first"
         raise DataError(f"no {MANIFEST} in {data_path}: {hint}")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exn:
+        manifest = json.loads(raw)
+    except (ValueError, RecursionError) as exn:
         raise DataError(f"{path} is not a readable manifest ({exn}); {make_again_hint(data_path, overwrite=True)}") \
-            from exn
+            from None
     problem = manifest_problem(manifest)
     if problem:
         raise DataError(f"{path}: {problem}, so these are not shards prep/shard.py wrote and nothing in the folder "
@@ -119,12 +137,12 @@ def rebuild_hint(data_path) -> str:
     with the flags prep/shard.py recorded in the manifest (its plan must match for it to repair)."""
     data_path = Path(data_path)
     try:
-        manifest = json.loads((data_path / MANIFEST).read_text())
+        manifest = json.loads(read_regular(data_path / MANIFEST, MAX_MANIFEST_BYTES))
         if manifest_problem(manifest):
             raise ValueError("not a manifest prep/shard.py wrote")
         flags = manifest.get("rebuild") or ["--data-path", manifest["source"]]
         source = Path(flags[flags.index("--data-path") + 1])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no manifest to say how they were made
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):  # no manifest to say how they were made
         return make_again_hint(data_path)
     if data_path.resolve() != (source.parent / "shards").resolve():  # not prep/shard.py's default
         flags = [*flags, "--output-dir", str(data_path.resolve())]
@@ -133,7 +151,8 @@ def rebuild_hint(data_path) -> str:
 
 def split_shards(data_path, split: str) -> list[Shard]:
     """The shards of `split`, their paths resolved and checked to lie in `data_path` (a link out of the
-    folder is refused), each present with the size the manifest records."""
+    folder is refused), each a regular file with the size the manifest records and an index that
+    agrees with its sample count (`shard_claims_problem`)."""
     data_path = Path(data_path)
     manifest = load_manifest(data_path)
     entry = manifest.get("splits", {}).get(split)
@@ -148,14 +167,58 @@ def split_shards(data_path, split: str) -> list[Shard]:
                 raise DataError(f"{data_path / name} is a link to {path}, outside the shard folder {folder}, and is "
                                 f"not read; {rebuild_hint(data_path)}")
         shard = Shard(tar, idx, record["num_samples"])
-        if not shard.tar.is_file():
-            raise DataError(f"shard {shard.tar} is listed in the manifest but missing; {rebuild_hint(data_path)}")
-        size = shard.tar.stat().st_size
-        if size != record.get("bytes", size):  # a stat per shard finds truncation before an epoch does
-            raise DataError(f"shard {shard.tar} has {size} bytes but the manifest says {record['bytes']}: it is "
-                            f"truncated or was changed; {rebuild_hint(data_path)}")
+        problem = shard_claims_problem(shard, record.get("bytes"))
+        if problem:
+            raise DataError(f"{problem}; {rebuild_hint(data_path)}")
         shards.append(shard)
     return shards
+
+
+def shard_claims_problem(shard: Shard, recorded_bytes: int | None) -> str | None:
+    """What is wrong with `shard`'s files for the manifest's claims, in words, or None: the tar and the
+    index must be regular files (`open_regular`: no FIFO or device is waited on), the tar of the recorded
+    size, and the sample count no more than its bytes can hold and the one its index's first line says.
+    Nothing larger than an index's first line is read: a count claimed in the millions fails here."""
+    try:
+        fd = open_regular(shard.tar)
+    except FileNotFoundError:
+        return f"shard {shard.tar} is listed in the manifest but missing"
+    except NotRegularFile as exn:
+        return f"shard {exn}"
+    except OSError as exn:
+        return f"shard {shard.tar} cannot be read ({exn.strerror or exn})"
+    size = os.fstat(fd).st_size
+    os.close(fd)
+    if recorded_bytes is not None and size != recorded_bytes:  # a stat per shard finds truncation before an epoch does
+        return (f"shard {shard.tar} has {size} bytes but the manifest says {recorded_bytes}: it is truncated or "
+                f"was changed")
+    if shard.num_samples * MIN_SAMPLE_BYTES > size:
+        return (f"the manifest claims {shard.num_samples:,} samples in shard {shard.tar}, but its {size:,} bytes hold "
+                f"at most {size // MIN_SAMPLE_BYTES:,}")
+    try:
+        fd = open_regular(shard.idx)
+    except FileNotFoundError:
+        return f"index {shard.idx} of shard {shard.tar} is missing, and without it {shard.tar.name} is unreadable"
+    except NotRegularFile as exn:
+        return f"index {exn}"
+    except OSError as exn:
+        return f"index {shard.idx} of shard {shard.tar} is unreadable ({exn.strerror or exn})"
+    try:
+        first = os.read(fd, 64).split(b"\n", 1)[0].split()
+    except OSError as exn:
+        return f"index {shard.idx} of shard {shard.tar} is unreadable ({exn.strerror or exn})"
+    finally:
+        os.close(fd)
+    if len(first) != 2 or first[1] != str(shard.num_samples).encode():
+        return (f"the manifest claims {shard.num_samples:,} samples in shard {shard.tar}, and its index {shard.idx} "
+                f"does not say the same")
+    return None
+
+
+def read_index_text(shard: Shard) -> str:
+    """The text of `shard`'s `.idx` file (a regular file, at most INDEX_LINE_BYTES per claimed sample);
+    OSError or ValueError when it cannot be read."""
+    return read_regular(shard.idx, 64 + INDEX_LINE_BYTES * shard.num_samples).decode()
 
 
 def split_size(data_path, split: str) -> int:
@@ -168,10 +231,10 @@ def stored_keys(shards: list[Shard]) -> list[str]:
     keys = []
     for shard in shards:
         try:
-            rows = [line.split() for line in shard.idx.read_text().splitlines()[1:]]
-        except OSError as exn:
-            raise DataError(f"index {shard.idx} of shard {shard.tar} is unreadable ({exn}); "
-                            "run prep/shard.py again") from exn
+            rows = [line.split() for line in read_index_text(shard).splitlines()[1:]]
+        except (OSError, ValueError) as exn:
+            raise DataError(f"index {shard.idx} of shard {shard.tar} is unreadable "
+                            f"({getattr(exn, 'strerror', None) or exn}); run prep/shard.py again") from None
         if len(rows) != shard.num_samples or any(len(row) != 4 for row in rows):
             raise DataError(f"index {shard.idx} of shard {shard.tar} does not match the manifest; "
                             "run prep/shard.py again")

@@ -35,7 +35,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.cli import first_line
+from pipeline.files import NotRegularFile, open_regular
 from pipeline.geometry import IMAGE_SIZE, crop_box
+from pipeline.images import check_pixels, open_image
 from pipeline.shards import SHUFFLE_BUFFER, DataError, epoch_order, rank_samples, rebuild_hint, split_shards, take
 
 SHUFFLE_START = 256  # the buffer yields from this size on and grows to SHUFFLE_BUFFER: epochs start sooner
@@ -57,15 +59,23 @@ def decode_plan(width: int, height: int, crop: str) -> tuple[int, int, tuple[int
 
 
 def decode_crop(jpeg: bytes, crop: str) -> np.ndarray:
-    """JPEG bytes -> the crop region as (h, w, 3) uint8, decoded no larger than it needs to be."""
+    """JPEG bytes -> the crop region as (h, w, 3) uint8, decoded no larger than it needs to be. An image whose
+    header claims more than MAX_PIXELS is refused (TooManyPixels, a ValueError) before it is decoded."""
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
+    except ValueError:
+        height = width = None
+    if height is not None:
+        check_pixels(width, height)
+    try:
+        if height is None:
+            raise ValueError("not a JPEG simplejpeg reads")
         scaled_width, scaled_height, box = decode_plan(width, height, crop)
         image = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", min_width=scaled_width, min_height=scaled_height)
         if image.shape[:2] != (scaled_height, scaled_width):  # not the scale asked for: start again whole
             image, box = simplejpeg.decode_jpeg(jpeg, colorspace="RGB"), crop_box(width, height, crop)
     except ValueError:  # not a JPEG simplejpeg reads (CMYK, a PNG named .jpg): PIL reads the rest
-        image = np.array(Image.open(io.BytesIO(jpeg)).convert("RGB"))  # writable, as torch wants
+        image = np.array(open_image(jpeg).convert("RGB"))  # writable, as torch wants
         box = crop_box(image.shape[1], image.shape[0], crop)
     left, top, right, bottom = box
     return image[top:bottom, left:right]
@@ -103,16 +113,41 @@ def cause(exn: Exception) -> str:
     return str(first).split(" @ ", 1)[0] or type(exn).__name__
 
 
+def tar_members(stream, url: str, size: int):
+    """{"fname", "data", "__url__"} of each regular member of the uncompressed tar `stream` of `size` bytes,
+    as webdataset's tar_file_iterator yields them, with every member's size checked against the bytes
+    left in the file before it is read: a tar header may claim any size, and a sparse member makes up
+    the bytes it claims (prep/shard.py writes neither)."""
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for info in tar:
+            if info.issparse():
+                raise ValueError(f"member {info.name!r} is a sparse file, which prep/shard.py never writes")
+            if not info.isreg() or info.name.startswith("__"):  # webdataset skips these too
+                continue
+            if info.size > size - info.offset_data:
+                raise ValueError(f"member {info.name!r} claims {info.size:,} bytes, more than the "
+                                 f"{max(size - info.offset_data, 0):,} left in the {size:,}-byte file")
+            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+            tar.members = []  # a stream read keeps no list of what it has passed
+
+
 def read_spans(spans):
     """Yield the samples of each span, with errors that name the shard and say how to rebuild it.
 
-    Each tar is opened here and webdataset is handed the open file: given a URL string, webdataset
-    would open it itself, and it runs `pipe:` URLs in a shell."""
+    Each tar is opened here (`open_regular`: no link followed, no FIFO waited on) and read by
+    `tar_members`, whose samples webdataset groups by key: given a URL string, webdataset would open
+    it itself, and it runs `pipe:` URLs in a shell."""
     for span in spans:
         count, hint = 0, rebuild_hint(span.shard.tar.parent)
         try:
-            with open(span.shard.tar, "rb") as stream:
-                files = wds.tariterators.tar_file_expander([{"url": str(span.shard.tar), "stream": stream}])
+            fd = open_regular(span.shard.tar)
+        except NotRegularFile as exn:
+            raise DataError(f"shard {exn}; {hint}") from None
+        except OSError as exn:
+            raise DataError(f"shard {span.shard.tar} is unreadable ({exn.strerror or exn}); {hint}") from None
+        try:
+            with os.fdopen(fd, "rb") as stream:
+                files = tar_members(stream, str(span.shard.tar), os.fstat(fd).st_size)
                 for sample in islice(wds.tariterators.group_by_keys(files), span.start, span.stop):
                     count += 1
                     yield sample
@@ -207,6 +242,16 @@ class ShardStream(IterableDataset):
     def pack_bytes(batch, flips):
         # One buffer per batch: a tensor per JPEG would cost a shared-memory handle each.
         blobs = [sample["jpg"] for sample in batch]
+        for sample, blob in zip(batch, blobs):  # the device decoder sizes its output from the header alone
+            try:
+                height, width, _, _ = simplejpeg.decode_jpeg_header(blob)
+            except ValueError:  # not a JPEG simplejpeg reads: the decoder reports it, naming no size
+                continue
+            try:
+                check_pixels(width, height, f"sample {sample.get('__key__', '')}")
+            except ValueError as exn:
+                url = sample.get("__url__", "")
+                raise DataError(f"{exn} in {url}; {rebuild_hint(Path(url).parent)}") from None
         data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
         return {"data": data, "lengths": [len(b) for b in blobs], "flips": torch.tensor(flips)}
 

@@ -3,9 +3,11 @@
     python prep/shard.py                      # dataset/celeba/img_align_celeba -> dataset/celeba/shards
     python prep/shard.py --synthetic 5000     # make synthetic faces, then shard them
 
-Every image is decoded once to check it: files that do not decode are skipped, decodable images
-that are not baseline RGB JPEGs are re-encoded so every loader reads them alike, and both lists go
-into manifest.json. Shards are written under temporary names and renamed when whole, and a journal
+Every image is decoded once to check it: files that do not decode, or whose header claims more than
+pipeline/images.py's pixel bound, are skipped; images that some decoder would read otherwise than
+the rest (EXIF orientation, progressive frames, CMYK, grayscale, odd chroma subsampling, PNG, ...)
+are re-encoded upright as baseline RGB JPEGs, and both lists go into manifest.json. The output folder
+is locked while it runs (a second run on it stops, naming the first one's process). Shards are written under temporary names and renamed when whole, and a journal
 records each finished shard, so running the same command again after an interruption finishes the
 job without redoing or losing anything.
 
@@ -20,12 +22,13 @@ lists those under "renamed".
 """
 
 import argparse
+import errno
 import hashlib
-import io
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import tarfile
@@ -38,14 +41,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import webdataset as wds  # noqa: E402
-from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from pipeline import cli  # noqa: E402
 from pipeline.attributes import (ATTRIBUTES, CELEBA_ATTRIBUTES_FILE, AttributeFileError, file_digest,  # noqa: E402
                                  format_attributes, parse_attributes)
-from pipeline.files import atomic_write, temporary_beside  # noqa: E402
-from pipeline.shards import MANIFEST, SPLITS, manifest_problem, shard_command  # noqa: E402
+from pipeline.files import (FolderBusy, atomic_write, lock_folder, open_regular, read_regular,  # noqa: E402
+                            temporary_beside)
+from pipeline.images import DEFAULT_QUALITY, TooManyPixels, stored_form  # noqa: E402
+from pipeline.shards import MANIFEST, MAX_MANIFEST_BYTES, SPLITS, manifest_problem, shard_command  # noqa: E402
 
 CELEBA_SPLIT = {"train": 162_770, "val": 19_867, "test": 19_962}  # official partition sizes
 PARTITION_FILE = "list_eval_partition.txt"
@@ -81,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=cli.seed, default=0, help="seed of the write-time shuffle and of synthetic faces")
     p.add_argument("--workers", type=cli.positive_int, default=cli.default_workers(cap=None, spare=0),
                    help=f"processes that read and check images (default: {cli.workers_rule(cap=None, spare=0)})")
-    p.add_argument("--quality", type=cli.int_at_least(1, 100), default=95,
-                   help="JPEG quality for re-encoded images (default: 95)")
+    p.add_argument("--quality", type=cli.int_at_least(1, 100), default=DEFAULT_QUALITY,
+                   help=f"JPEG quality for re-encoded images (default: {DEFAULT_QUALITY})")
     p.add_argument("--synthetic", type=cli.positive_int, metavar="N", default=None,
                    help="first generate N synthetic CelebA-shaped faces into --data-path, then shard them")
     p.add_argument("--verify", action="store_true",
@@ -123,6 +127,12 @@ def sample_key(path: Path) -> str:
     """The webdataset key of an image file: its stem, with every character a DALI index line or a
     webdataset member name cannot hold (spaces, dots, ...) as "_"."""
     return KEY_CHAR.sub("_", path.stem)
+
+
+def shown_name(path: Path) -> str:
+    """A file name as the manifest and messages show it: bytes that are not UTF-8 (which Python holds
+    as lone surrogates, and which neither JSON nor a terminal takes) as \\xNN escapes."""
+    return os.fsencode(path.name).decode("utf-8", "backslashreplace")
 
 
 def fail(message: str):
@@ -201,17 +211,17 @@ def plan_shards(files, partition, shard_size, seed):
     for path in files:
         key = sample_key(path)
         if key in seen:
-            skipped.append({"file": path.name, "reason": f"duplicate key {key!r} (another file has the same stem)"})
+            skipped.append({"file": shown_name(path), "reason": f"duplicate key {key!r} (another file has the same stem)"})
             continue
         seen.add(key)
         if key != path.stem:
-            renamed.append({"file": path.name, "key": key})
+            renamed.append({"file": shown_name(path), "key": key})
         if partition is None:
             by_split[hash_split(key)].append(path)
         elif path.name in partition:
             by_split[partition[path.name]].append(path)
         else:
-            skipped.append({"file": path.name, "reason": f"not listed in {PARTITION_FILE}"})
+            skipped.append({"file": shown_name(path), "reason": f"not listed in {PARTITION_FILE}"})
     plan = []
     for split in SPLITS:
         # Shuffled once at write time: DALI and webdataset read shards in order with bounded buffers.
@@ -227,7 +237,7 @@ def fingerprint(plan, options) -> str:
     for name, paths in plan:
         for p in paths:
             st = p.stat()
-            h.update(f"{name}/{p.name}/{st.st_size}/{st.st_mtime_ns}\n".encode())
+            h.update(f"{name}/".encode() + os.fsencode(p.name) + f"/{st.st_size}/{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -243,32 +253,25 @@ def check_chunk(jobs):
 
 
 def check_image(job):
-    """(path, quality) -> (key, jpeg bytes or None, note): runs in the worker pool."""
+    """(path, quality) -> (key, jpeg bytes or None, note): runs in the worker pool. The stored bytes are the
+    file's own when every decoder reads it alike, else re-encoded (pipeline/images.py's `stored_form`)."""
     path, quality = job
     key = sample_key(path)
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path, follow_links=True)
     except OSError as exn:
-        return key, None, f"unreadable: {exn}"
+        return key, None, f"unreadable: {exn.strerror or exn}"
     if not raw:
         return key, None, "empty file"
     try:
-        im = Image.open(io.BytesIO(raw))
-        im.load()  # a full decode: truncation only shows here
+        jpeg, problems = stored_form(raw, quality)
+    except TooManyPixels as exn:
+        return key, None, str(exn)
     except Exception as exn:  # PIL raises many types for bad data; all mean "skip it"
         return key, None, f"does not decode: {exn}"
-    problems = []
-    if im.format != "JPEG":
-        problems.append(f"{im.format} data, not JPEG")
-    if im.mode != "RGB":
-        problems.append(f"mode {im.mode}, not RGB")
-    if im.info.get("progressive") or im.info.get("progression"):
-        problems.append("progressive JPEG")
     if not problems:
         return key, raw, None
-    out = io.BytesIO()
-    im.convert("RGB").save(out, "JPEG", quality=quality)
-    return key, out.getvalue(), "re-encoded as baseline RGB JPEG: " + ", ".join(problems)
+    return key, jpeg, "re-encoded as baseline RGB JPEG: " + ", ".join(problems)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -310,14 +313,22 @@ class ShardWriter:
         self.count = 0
 
     def add(self, key: str, jpeg: bytes):
-        self.writer.write({"__key__": key, "jpg": jpeg})
+        try:
+            self.writer.write({"__key__": key, "jpg": jpeg})
+        except OSError as exn:  # a full disk: the error names no file
+            exn.filename = exn.filename or str(self.tmp)
+            raise
         self.count += 1
 
     def finish(self) -> dict:
-        self.writer.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        try:
+            self.writer.close()
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        except OSError as exn:
+            exn.filename = exn.filename or str(self.tmp)
+            raise
         os.chmod(self.tmp, 0o644)  # mkstemp makes 0600 files
         record = {"name": self.name, "tar": self.tar.name, "idx": self.idx.name, "num_samples": self.count,
                   "bytes": self.tmp.stat().st_size, "sha256": sha256_file(self.tmp)}
@@ -334,16 +345,24 @@ class ShardWriter:
                 self.writer.close()  # else the tar stream writes its end into a closed file when collected
             except OSError:  # a full disk, say: the file goes anyway
                 pass
-            self.file.close()
+            try:
+                self.file.close()  # flushes what is buffered: on a full disk that fails again
+            except OSError:
+                pass
         self.tmp.unlink(missing_ok=True)
 
 
 def read_journal(path: Path, plan_id: str, overwrite: bool) -> dict:
     """Shards finished by an earlier run of the same plan: name -> record."""
-    if not path.is_file():
+    try:
+        text = read_regular(path).decode(errors="replace")
+    except FileNotFoundError:
         return {}
+    except OSError as exn:
+        fail(f"cannot read {path} ({exn.strerror or exn}); pass --overwrite to start again, or choose another "
+             "--output-dir")
     lines = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             lines.append(json.loads(line))
         except ValueError:  # the last line, cut short by a crash: its shard is written again
@@ -379,12 +398,12 @@ def remove_temporaries(out: Path):
 def read_manifest(path: Path) -> tuple[dict | None, str | None]:
     """(the manifest of a finished run, None), or (None, why it is not one) when `path` exists but cannot
     be read or was not written by this script, or (None, None) when there is none."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return None, None
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exn:
-        return None, f"cannot be read ({exn})"
+        manifest = json.loads(read_regular(path, MAX_MANIFEST_BYTES))
+    except (OSError, ValueError, RecursionError) as exn:
+        return None, f"cannot be read ({getattr(exn, 'strerror', None) or exn})"
     if not isinstance(manifest, dict) or not {"plan", "splits", "num_samples"} <= manifest.keys() \
             or not isinstance(manifest["splits"], dict) \
             or not all(isinstance(manifest["splits"].get(s), dict) for s in SPLITS):
@@ -400,16 +419,23 @@ def shard_problem(out: Path, record: dict, deep: bool) -> str | None:
     """What is wrong with a shard the manifest lists, or None. Present, of the recorded size, and with an
     index of the recorded length; `deep` also compares the tar's SHA-256 and the whole index."""
     tar, idx = out / record["tar"], out / record["idx"]
-    if not tar.is_file():
+    if not os.path.lexists(tar):
         return "missing"
+    if tar.is_symlink() or not tar.is_file():
+        return "not a regular file"
     size = tar.stat().st_size
     if size != record["bytes"]:
         return f"{size} bytes where the manifest records {record['bytes']}"
     try:
-        with open(idx) as f:
-            header = f.readline().split()
-    except OSError:
+        fd = open_regular(idx)
+        try:
+            header = os.read(fd, 64).split(b"\n", 1)[0].decode(errors="replace").split()
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
         return f"its index {idx.name} is missing"
+    except OSError:
+        return f"its index {idx.name} is not a regular file"
     if header != [DALI_INDEX_VERSION, str(record["num_samples"])]:
         return f"its index {idx.name} does not match it"
     if not deep:
@@ -417,7 +443,7 @@ def shard_problem(out: Path, record: dict, deep: bool) -> str | None:
     if sha256_file(tar) != record["sha256"]:
         return "its SHA-256 differs from the manifest's"
     try:
-        matches = idx.read_text() == dali_index(tar)
+        matches = read_regular(idx).decode() == dali_index(tar)
     except (OSError, ValueError, tarfile.TarError):
         matches = False
     return None if matches else f"its index {idx.name} does not match it"
@@ -451,11 +477,11 @@ def write_shards(pending, out: Path, args, finished) -> None:
                 for path in paths:
                     key, jpeg, note = next(stream)
                     if jpeg is None:
-                        notes["skipped"].append({"file": path.name, "reason": note})
+                        notes["skipped"].append({"file": shown_name(path), "reason": note})
                     else:
                         writer.add(key, jpeg)
                         if note:
-                            notes["reencoded"].append({"file": path.name, "reason": note})
+                            notes["reencoded"].append({"file": shown_name(path), "reason": note})
                     bar.update()
                 if writer.count == 0:  # every file of this shard was bad: keep no empty shard
                     writer.abort()
@@ -471,6 +497,30 @@ def write_shards(pending, out: Path, args, finished) -> None:
                 writer.abort()  # a finished shard is already renamed: only an unfinished one goes
             pool.shutdown(wait=True, cancel_futures=True)  # queued tasks are dropped, running ones are short
             raise
+
+
+def nbytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} bytes"
+
+
+def write_failed(exn: OSError, out: Path, pending) -> None:
+    """Stops in one line for an OSError while writing into `out`: which file, why, and for a full disk
+    (or a file size limit) how much the shards of `pending` [(name, paths)] still need."""
+    name = exn.filename or out
+    why = exn.strerror or str(exn)
+    if exn.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        need = sum(p.stat().st_size + 1024 for _, paths in pending for p in paths)  # + a tar header each
+        try:
+            free = f"{nbytes(shutil.disk_usage(out).free)} free"
+        except OSError:
+            free = "its free space unknown"
+        limit = " or raise the file size limit (ulimit -f)" if exn.errno == errno.EFBIG else ""
+        fail(f"cannot write {name}: {why}; the shards still to write need about {nbytes(need)} in {out} "
+             f"({free}): free some space{limit} and run the same command again, which keeps the finished shards")
+    fail(f"cannot write {name}: {why}; finished shards are kept: fix that and run the same command again")
 
 
 def write_manifest(path: Path, manifest: dict) -> None:
@@ -493,14 +543,20 @@ def repair(out: Path, manifest: dict, plan, args) -> int:
     print(f"rebuilding {len(damaged)} of {len(records)} shards from {args.data_path}: "
           + "; ".join(named[:5]) + (f"; and {len(named) - 5} more" if len(named) > 5 else ""))
     started, rebuilt = time.time(), {}
-    write_shards([(name, paths) for name, paths in plan if name in damaged], out, args,
-                 lambda entry: rebuilt.__setitem__(entry["name"], entry))
+    pending = [(name, paths) for name, paths in plan if name in damaged]
+    try:
+        write_shards(pending, out, args, lambda entry: rebuilt.__setitem__(entry["name"], entry))
+    except OSError as exn:
+        write_failed(exn, out, [(name, paths) for name, paths in pending if name not in rebuilt])
     for name, entry in rebuilt.items():
         if entry["shard"] is None or entry["shard"]["num_samples"] != records[name]["num_samples"]:
             fail(f"{name} rebuilt from {args.data_path} holds other samples than {manifest_path} lists: the "
                  "images changed since the shards were made; run again with --overwrite to rebuild everything")
         records[name].update(entry["shard"])  # the same bytes, unless an image changed in place
-    write_manifest(manifest_path, manifest)
+    try:
+        write_manifest(manifest_path, manifest)
+    except OSError as exn:
+        write_failed(exn, out, [])
     print(f"rebuilt {len(rebuilt)} shard{'s' if len(rebuilt) != 1 else ''} and updated {manifest_path} ({time.time() - started:.1f} s)")
     return 0
 
@@ -531,6 +587,31 @@ def main(argv=None):
     plan_id = fingerprint(plan, options)
 
     out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)  # a folder that exists is left as it is
+    lock = lock_output(out)
+    try:
+        return make_shards(args, out, plan, plan_id, options, skipped, renamed, partition, attributes)
+    finally:
+        os.close(lock)
+
+
+def lock_output(out: Path) -> int:
+    """The lock on the output folder (pipeline/files.py's, as train.py takes on its own): a second run on the
+    same folder would delete the first one's temporary files. A link to a folder is followed once, here."""
+    try:
+        return lock_folder(out.resolve())
+    except FolderBusy as exn:
+        who = f"process {exn.pid}" if exn.pid else "another process"
+        fail(f"--output-dir {out} is in use by {who}, another prep/shard.py run on it: wait for it to end, "
+             "or choose another --output-dir")
+    except OSError as exn:
+        fail(f"--output-dir {out}: cannot open it ({exn.strerror or exn}); choose another folder")
+
+
+def make_shards(args, out: Path, plan, plan_id: str, options: dict, skipped: list, renamed: list, partition,
+                attributes) -> int:
+    """The shards of `plan` in the locked folder `out`: repaired when its manifest is of the same plan,
+    written (or their unfinished run finished) otherwise."""
     manifest_path = out / MANIFEST
     old, unusable = read_manifest(manifest_path)
     if unusable and not args.overwrite:  # it may be someone else's folder: nothing in it is touched
@@ -541,13 +622,22 @@ def main(argv=None):
             fail(f"{out} already holds shards made from other inputs or options; "
                  "pass --overwrite to replace them, or choose another --output-dir")
         return repair(out, old, plan, args)
-    out.mkdir(parents=True, exist_ok=True)
+    done = {}
+    try:
+        return write_all(args, out, plan, plan_id, options, skipped, renamed, partition, attributes, done)
+    except OSError as exn:
+        write_failed(exn, out, [(name, paths) for name, paths in plan if name not in done])
+
+
+def write_all(args, out, plan, plan_id, options, skipped, renamed, partition, attributes, done) -> int:
+    """Writes the shards of `plan` not in the journal, then the manifest; `done` fills with the finished ones."""
+    manifest_path = out / MANIFEST
     if manifest_path.exists():  # --overwrite: every shard is made again
         manifest_path.unlink()
         remove_old_shards(out)
 
     journal_path = out / JOURNAL
-    done = read_journal(journal_path, plan_id, args.overwrite)
+    done.update(read_journal(journal_path, plan_id, args.overwrite))
     if not done:
         if args.overwrite:
             remove_old_shards(out)
