@@ -68,6 +68,7 @@ def test_both_ways_agree_on_singular_covariances():
     assert fid.frechet_distance_of_features(a, b) == pytest.approx(via_statistics, rel=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save all extracted features")
 def test_kid_matches_torchmetrics_on_the_same_features(monkeypatch):
     from torchmetrics.image.kid import KernelInceptionDistance
 
