@@ -120,28 +120,31 @@ def file_bytes(count: int) -> int:
     return HEADER_BYTES + count * IMAGE_BYTES
 
 
-def encode_header(header: dict) -> bytes:
+def encode_header(header: dict, magic: bytes = MAGIC, what: str = "a decoded file") -> bytes:
+    """Magic, length and JSON, padded to HEADER_BYTES: the header of the decoded file (and, with its own
+    `magic`, of the FID statistics file, pipeline/fid_stats.py)."""
     text = json.dumps(header, sort_keys=True).encode()
-    block = MAGIC + _LENGTH.pack(len(text)) + text
+    block = magic + _LENGTH.pack(len(text)) + text
     if len(block) > HEADER_BYTES:
-        raise ValueError(f"a decoded file's header of {len(block)} bytes is over {HEADER_BYTES}")
+        raise ValueError(f"{what}'s header of {len(block)} bytes is over {HEADER_BYTES}")
     return block.ljust(HEADER_BYTES, b"\0")
 
 
-def parse_header(block: bytes, expected: dict) -> int:
-    """The pixels' CRC-32 from a file's first HEADER_BYTES, after checking every other field against
-    `expected`; raises Unusable saying what differs."""
-    if len(block) < HEADER_BYTES or not block.startswith(MAGIC):
-        raise Unusable("it is not a decoded-images file of this project")
-    (length,) = _LENGTH.unpack_from(block, len(MAGIC))
-    start = len(MAGIC) + _LENGTH.size
+def parse_header(block: bytes, expected: dict, magic: bytes = MAGIC, fields: tuple = FIELDS,
+                 what: str = "a decoded-images file") -> int:
+    """The payload's CRC-32 from a file's first HEADER_BYTES, after checking that the header has exactly
+    `fields` and every one but the CRC-32 equals `expected`'s; raises Unusable saying what differs."""
+    if len(block) < HEADER_BYTES or not block.startswith(magic):
+        raise Unusable(f"it is not {what} of this project")
+    (length,) = _LENGTH.unpack_from(block, len(magic))
+    start = len(magic) + _LENGTH.size
     if length > HEADER_BYTES - start:
         raise Unusable(f"its header claims {length} bytes, more than {HEADER_BYTES - start}")
     try:
         header = json.loads(block[start:start + length].decode())
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise Unusable("its header is not readable JSON") from None
-    if not isinstance(header, dict) or sorted(header) != sorted(FIELDS):
+    if not isinstance(header, dict) or sorted(header) != sorted(fields):
         raise Unusable("its header does not have this format's fields")
     for field, want in expected.items():
         have = header[field]

@@ -22,25 +22,22 @@ read-only dataset) is said in one line and the run goes on with the statistics i
 """
 
 import hashlib
-import json
 import os
 import re
-import struct
 import zlib
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from pipeline.cache_file import Unusable, open_regular, read_exactly, remove_stale_temporaries
+from pipeline import cache_file, files
+from pipeline.cache_file import HEADER_BYTES, Unusable, open_regular, read_exactly, remove_stale_temporaries
 from pipeline.files import atomic_write
 from pipeline.geometry import PIXELS_VERSION
-from pipeline.shards import MANIFEST
+from pipeline.shards import MANIFEST, MAX_MANIFEST_BYTES
 
 MAGIC = b"VAEFIDST"
 FORMAT = 1
-HEADER_BYTES = 4096
-_LENGTH = struct.Struct("<I")
 FIELDS = ("format", "manifest", "split", "keys", "crop", "pixels", "decoder", "network", "count", "dim", "crc32")
 
 
@@ -54,7 +51,7 @@ def file_name(split: str, crop: str, count: int) -> str:
 def expected_header(data_path, split: str, keys: list[str], crop: str, network: str, decoder: str,
                     dim: int) -> dict:
     """Every header field but the CRC-32, as this run would write it."""
-    manifest = hashlib.sha256((Path(data_path) / MANIFEST).read_bytes()).hexdigest()
+    manifest = hashlib.sha256(files.read_regular(Path(data_path) / MANIFEST, MAX_MANIFEST_BYTES)).hexdigest()
     return {"format": FORMAT, "manifest": manifest, "split": split,
             "keys": hashlib.sha256("\n".join(keys).encode()).hexdigest(), "crop": crop, "pixels": PIXELS_VERSION,
             "decoder": decoder, "network": network, "count": len(keys), "dim": dim}
@@ -65,37 +62,12 @@ def payload_bytes(count: int, dim: int) -> int:
 
 
 def encode_header(header: dict) -> bytes:
-    text = json.dumps(header, sort_keys=True).encode()
-    block = MAGIC + _LENGTH.pack(len(text)) + text
-    if len(block) > HEADER_BYTES:
-        raise ValueError(f"a FID statistics header of {len(block)} bytes is over {HEADER_BYTES}")
-    return block.ljust(HEADER_BYTES, b"\0")
+    return cache_file.encode_header(header, MAGIC, "a FID statistics file")
 
 
 def parse_header(block: bytes, expected: dict) -> int:
-    """The payload's CRC-32 from a file's first HEADER_BYTES, after checking every other field against
-    `expected`; raises Unusable saying what differs."""
-    if len(block) < HEADER_BYTES or not block.startswith(MAGIC):
-        raise Unusable("it is not a FID statistics file of this project")
-    (length,) = _LENGTH.unpack_from(block, len(MAGIC))
-    start = len(MAGIC) + _LENGTH.size
-    if length > HEADER_BYTES - start:
-        raise Unusable(f"its header claims {length} bytes, more than {HEADER_BYTES - start}")
-    try:
-        header = json.loads(block[start:start + length].decode())
-    except (ValueError, RecursionError):
-        raise Unusable("its header is not readable JSON") from None
-    if not isinstance(header, dict) or sorted(header) != sorted(FIELDS):
-        raise Unusable("its header does not have this format's fields")
-    for field, want in expected.items():
-        have = header[field]
-        if type(have) is not type(want) or have != want:
-            shown = repr(have)
-            raise Unusable(f"its {field} is {shown if len(shown) <= 80 else shown[:76] + '...'}, not this run's {want!r}")
-    crc = header["crc32"]
-    if type(crc) is not int or not 0 <= crc < 1 << 32:
-        raise Unusable("its header's crc32 is not a CRC-32")
-    return crc
+    """The payload's CRC-32 from a file's first HEADER_BYTES, every other field checked against `expected`."""
+    return cache_file.parse_header(block, expected, MAGIC, FIELDS, "a FID statistics file")
 
 
 def _tensors(count: int, dim: int) -> dict:
