@@ -19,7 +19,6 @@ use the posterior mean, z = mu. A flag that belongs to another mode is refused, 
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,16 +26,19 @@ import torch
 from PIL import UnidentifiedImageError
 from torchvision.utils import make_grid, save_image
 
-from model import VariationalAutoEncoder
-from model import figures, quality
-from model.checkpoint import CheckpointError, load_weights
-from pipeline import build_loader, cli
-from pipeline.attributes import shard_attributes
-from pipeline.files import atomic_write, read_regular
+from common import cli
+from common.files import atomic_write, read_regular
+from model import VariationalAutoEncoder, figures, quality
+from model.assess import assess, first_images
+from pipeline import build_loader
+from pipeline.attributes import AttributeFileError, shard_attributes
 from pipeline.geometry import CROPS
 from pipeline.images import DEFAULT_QUALITY, TooManyPixels, stored_form
 from pipeline.shards import DataError, load_manifest
 from pipeline.torch_loader import decode_resized
+from run.checkpoint import CheckpointError, load_weights
+from run.folder import METRICS
+from run.record import MetricsFile
 
 MAX_FILE_BYTES = 1 << 28  # of an image to reconstruct: over any camera's JPEG, short of memory trouble
 MODES = ("samples", "reconstruct", "interpolate", "attribute", "fit_gmm", "evaluate")
@@ -52,7 +54,6 @@ MODE_FLAGS = {
     "evaluate": {"data_path", "crop", "seed", "images", "fid", "inception_weights"},
 }
 STEPS = {"interpolate": figures.INTERPOLATION_STEPS, "attribute": quality.ATTRIBUTE_STEPS}
-METRICS = "metrics.jsonl"  # beside the weights, as train.py writes it
 
 
 class GenerateError(RuntimeError):
@@ -230,18 +231,9 @@ def to_input(device):
 
 def fit_gmm(model, args, device) -> list[Path]:
     """The GMM, and attribute vectors when the shards have attributes, written beside the weights."""
-    mu, _, keys = quality.encode_batches(model, split_batches(args, "train", device, keys=True), to_input(device),
-                                         keys=True)
-    written = [quality.save_tensors(quality.weights_sibling(args.weights, quality.GMM_SUFFIX),
-                                    quality.fit_gmm(mu, seed=args.seed))]
-    known = shard_attributes(args.data_path, load_manifest(args.data_path))
-    if known is not None:
-        names, table = known
-        rows = [i for i, key in enumerate(keys) if key in table]
-        values = torch.tensor([table[keys[i]] for i in rows], dtype=torch.int8).view(len(rows), len(names))
-        written.append(quality.save_tensors(quality.weights_sibling(args.weights, quality.ATTRIBUTES_SUFFIX),
-                                            quality.attribute_vectors(mu[rows], values, names)))
-    return written
+    attributes = shard_attributes(args.data_path, load_manifest(args.data_path))
+    return assess(model, args.weights, seed=args.seed, batch_size=64, to_input=to_input(device),
+                  train=split_batches(args, "train", device, keys=True), attributes=attributes)[1]
 
 
 def evaluate(model, args, device) -> dict:
@@ -253,39 +245,10 @@ def evaluate(model, args, device) -> dict:
         if inception is None:
             raise GenerateError(quality.missing_inception_message())
         feature = quality.inception_extractor(inception)
-    real = []
-    for images in split_batches(args, "val", device):
-        real.append(images.cpu().contiguous())
-        if sum(map(len, real)) >= args.images:
-            break
-    real = torch.cat(real)[:args.images]
-    n = len(real)
-    mu, logvar = quality.encode_batches(model, real.split(64), to_input(device))
-    z = {"prior": quality.draw_latents(n, model.z_dim, torch.Generator().manual_seed(args.seed))}
-    gmm_path = quality.weights_sibling(args.weights, quality.GMM_SUFFIX)
-    if gmm_path.is_file():
-        z["gmm"] = quality.draw_latents(n, model.z_dim, torch.Generator().manual_seed(args.seed),
-                                        gmm=quality.load_gmm(gmm_path))
-    z["reconstructions"] = mu
-    fakes = {k: quality.to_uint8(torch.cat([model.decode(c.to(device)).float().cpu() for c in v.split(64)]))
-             for k, v in z.items()}
-    distances = quality.swd(real, fakes, seed=args.seed)
-    row = {"kind": "evaluate", "weights": args.weights.name,
-           **{f"swd_{k}": sum(v) / len(v) for k, v in distances.items()}, "swd_levels": distances,
-           "swd_images": n, "swd_real": "val", "swd_seed": args.seed,
-           "val_active_units_cov": quality.active_units(mu), "val_active_dims_kl": quality.active_dims_kl(mu, logvar)}
-    if feature is not None:
-        for k, v in quality.fid_kid(real, fakes, feature).items():
-            row.update({f"{m}_{k}": x for m, x in v.items()})
-        row["fid_images"] = n
-    return row
-
-
-def append_row(path: Path, row: dict) -> None:
-    old = path.read_bytes() if path.is_file() else b""
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
-    atomic_write(path, old + (json.dumps(row) + "\n").encode())
+    real = first_images(split_batches(args, "val", device), args.images)
+    found, _ = assess(model, args.weights, seed=args.seed, batch_size=64, to_input=to_input(device), real=real,
+                      feature=feature)
+    return {"kind": "evaluate", "weights": args.weights.name, **found}
 
 
 @torch.no_grad()
@@ -296,10 +259,10 @@ def main(args) -> list[Path]:
         return fit_gmm(model, args, device)
     if args.mode == "evaluate":
         row = evaluate(model, args, device)
-        metrics_file = args.weights.parent / METRICS
-        append_row(metrics_file, row)
+        metrics = MetricsFile(args.weights.parent / METRICS)
+        metrics.append(row)
         print(" | ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)))
-        return [metrics_file]
+        return [metrics.path]
     if args.mode == "reconstruct":
         x = read_images(image_files(args.reconstruct, args.limit), args.crop, device)
         grid = figures.reconstruction_grid(model, x, per_row=min(len(x), 8))
@@ -329,7 +292,7 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     try:
         written = main(args)
-    except (GenerateError, quality.QualityError, quality.AttributeFileError, DataError) as exn:
+    except (GenerateError, quality.QualityError, AttributeFileError, DataError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 1
     print(f"wrote {', '.join(map(str, written))}")

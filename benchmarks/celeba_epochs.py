@@ -56,9 +56,12 @@ import torch  # noqa: E402
 import pipeline.cache  # noqa: E402
 import train  # noqa: E402
 from benchmarks import report  # noqa: E402
+from model import figures  # noqa: E402
 from model.step import resolve_amp, resolve_compile  # noqa: E402
 from pipeline.cache import Cache, CachedLoader  # noqa: E402
 from prep.shard import CELEBA_SPLIT  # noqa: E402
+from run import record  # noqa: E402
+from run.folder import METRICS  # noqa: E402
 
 LOSS_BOUND = 0.02  # relative difference of the validation loss, each epoch, that a graphed run may show
 
@@ -198,18 +201,15 @@ class Recorder:
                 return out
 
         essential = [("split_size", split_size), ("build_loader", build_loader)]
-        timers = [("train_one_epoch", epoch(train.train_one_epoch))]
-        for name in ("evaluate", "save_reconstructions", "save_checkpoint", "save_samples", "save_interpolations",
-                     "save_weights"):
-            if hasattr(train, name):
-                timers.append((name, timed(name, getattr(train, name))))
-        patches = [mock.patch.object(train, name, value) for name, value in essential + timers]
-        patches.append(mock.patch.object(train, "TrainStep", FirstStepTimed))
+        patches = [mock.patch.object(train, name, value) for name, value in essential]
+        patches += [mock.patch.object(train, "train_one_epoch", epoch(train.train_one_epoch)),
+                    mock.patch.object(train, "TrainStep", FirstStepTimed)]
+        # Where train.py's run calls each timed part: the module whose attribute it reads.
+        homes = {"evaluate": train, "save_curves": figures, "save_samples": figures, "save_interpolations": figures,
+                 "save_weights": record}
+        patches += [mock.patch.object(home, name, timed(name, getattr(home, name))) for name, home in homes.items()]
         patches += [mock.patch.object(pipeline.cache, "fill", fill),
                     mock.patch.object(pipeline.cache, "save_file", save_file)]
-        if hasattr(train, "figures") and hasattr(train.figures, "save_curves"):
-            patches.append(mock.patch.object(train.figures, "save_curves",
-                                             timed("save_curves", train.figures.save_curves)))
         return patches
 
     def seconds(self, epoch: int, *names) -> float:
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     # What follows takes well under the seconds between the stage's SIGINT and its SIGKILL: let it finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     part["seconds"] = round(recorder.ended - started, 2)
-    rows = read_rows(args.output_dir / train.METRICS)
+    rows = read_rows(args.output_dir / METRICS)
     part.update(rc=rc, fill=recorder.fills, train_py_fill={k: rows[0][k] for k in ("fill_s", "fill_source")
                                                             if rows and k in rows[0]})
     if rc != 0:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from pipeline.files import atomic_write  # noqa: E402
+from common.files import atomic_write  # noqa: E402
 
 EPOCHS = 40  # the seed's run
 SEED_BATCH = 128

@@ -58,8 +58,9 @@ from tqdm import tqdm  # noqa: E402
 
 from model import CLAMP_EPS, VariationalAutoEncoder  # noqa: E402
 from model.step import TrainStep, make_optimizer, resolve_amp, resolve_compile  # noqa: E402
-from pipeline import DALI_INSTALL, build_loader, cli, default_workers  # noqa: E402
-from pipeline.files import atomic_write  # noqa: E402
+from common import cli  # noqa: E402
+from pipeline import DALI_INSTALL, build_loader, default_workers  # noqa: E402
+from common.files import atomic_write  # noqa: E402
 
 CELEBA_TRAIN = 162_770
 EPOCHS = 40

@@ -12,8 +12,8 @@ import torch
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid, save_image
 
+from common.files import atomic_write
 from model.metrics import ACTIVE_KL_NATS
-from pipeline.files import atomic_write
 
 INTERPOLATION_STEPS = 8  # decodings per line in z, both ends included
 CURVES_INCHES, CURVES_DPI = (10, 7), 100  # curves.png is 1000 x 700 px
@@ -98,3 +98,42 @@ def save_curves(rows: list[dict], path) -> None:
 def save_png(grid: torch.Tensor, path) -> None:
     """A grid as a PNG, written atomically: a picture under its name is always whole."""
     atomic_write(path, lambda f: save_image(grid, f, format="png"))
+
+
+# ----------------------------------------------------------------------------- train.py's pictures
+# `step` is the TrainStep: its to_input and autocast make the model's input and precision.
+
+
+@torch.no_grad()
+def reconstructions(model, preview, step) -> torch.Tensor:
+    """Faces over their reconstructions from the posterior mean, as a grid on the device: launched on the
+    training thread, so it sees this epoch's weights, and read by whoever saves it."""
+    model.eval()
+    with step.autocast():
+        grid = reconstruction_grid(model, step.to_input(preview))
+    model.train()
+    return grid
+
+
+@torch.no_grad()
+def save_samples(model, z_dim: int, seed: int, device, path) -> torch.Tensor:
+    """64 faces decoded from z ~ N(0, I), the same z for the same seed; returns the grid."""
+    model.eval()
+    grid = sample_grid(model, 64, z_dim, device, generator=torch.Generator().manual_seed(seed))
+    save_png(grid, path)
+    return grid
+
+
+@torch.no_grad()
+def save_interpolations(model, preview, step, path) -> torch.Tensor | None:
+    """A row per pair of preview faces: the pair's ends and the decodings along the line in z between
+    their posterior means. None when there are fewer than two faces."""
+    pairs = len(preview) // 2
+    if pairs == 0:
+        return None
+    model.eval()
+    x = step.to_input(preview[:2 * pairs])
+    with step.autocast():
+        grid = interpolation_grid(model, x[0::2], x[1::2])
+    save_png(grid, path)
+    return grid

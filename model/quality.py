@@ -21,16 +21,20 @@ Everything here raises QualityError, one line for the user, for a file that is n
 
 import contextlib
 import math
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from ot.sliced import get_random_projections
+from sklearn.linear_model import LogisticRegression
+from sklearn.mixture import GaussianMixture
 from torchvision.utils import make_grid
 
+from common.cli import first_line
+from common.files import atomic_write
 from model.metrics import ACTIVE_KL_NATS, kl_per_dim
-from pipeline.attributes import AttributeFileError  # noqa: F401  (re-exported)
-from pipeline.cli import first_line
-from pipeline.files import atomic_write
 
 GMM_COMPONENTS = 10  # as the RAE paper
 GMM_SUFFIX, ATTRIBUTES_SUFFIX = ".gmm.pt", ".attributes.pt"  # beside the weights: vae_celeba.gmm.pt, ...
@@ -52,16 +56,6 @@ ATTRIBUTE_STEPS, ATTRIBUTE_STRENGTH = 7, 1.0  # columns from -S to +S (0 in the 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
 KID_SUBSET = 1000  # torchmetrics' default subset size, lowered to the image count when there are fewer
-
-
-REQUIRED = {"sklearn": "scikit-learn", "ot": "POT"}  # module -> package, for the GMM and the SWD
-
-
-def missing_packages() -> list[str]:
-    """The packages the GMM and the SWD need that are not installed (pip names)."""
-    import importlib.util
-
-    return [package for module, package in REQUIRED.items() if importlib.util.find_spec(module) is None]
 
 
 class QualityError(RuntimeError):
@@ -137,8 +131,6 @@ def fit_gmm(codes: torch.Tensor, components: int = GMM_COMPONENTS, seed: int = 0
 
     Fewer components when there are fewer codes than GMM_COMPONENTS; scikit-learn's reg_covar (1e-6)
     keeps each covariance positive definite."""
-    from sklearn.mixture import GaussianMixture
-
     if len(codes) < 2:
         raise QualityError(f"a Gaussian mixture needs at least 2 codes, not {len(codes)}")
     k = min(components, len(codes))
@@ -162,13 +154,6 @@ def load_gmm(path: Path) -> dict:
     gmm["cholesky"] = chol
     return gmm
 
-
-def mixture_moments(gmm: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mixture's mean and covariance: sum_k w_k mu_k and sum_k w_k (S_k + mu_k mu_k^T) - mu mu^T."""
-    w, mu, cov = gmm["weights"].double(), gmm["means"].double(), gmm["covariances"].double()
-    mean = w @ mu
-    second = torch.einsum("k,kij->ij", w, cov + mu[:, :, None] * mu[:, None, :])
-    return mean, second - torch.outer(mean, mean)
 
 
 def draw_latents(n: int, z_dim: int, generator: torch.Generator | None = None, temperature: float = 1.0,
@@ -235,8 +220,6 @@ def patch_descriptors(level: torch.Tensor, generator: torch.Generator, per_image
 def sorted_projections(descriptors: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
     """(P, N): each direction's projections of the (N, D) descriptors, sorted. numpy's sort, which ran
     faster than torch's CPU sort on these rows (benchmarks/RESULTS.md has the figures)."""
-    import numpy as np
-
     return torch.from_numpy(np.sort((projections.T @ descriptors.T).cpu().numpy(), axis=1))
 
 
@@ -262,8 +245,6 @@ def swd(real: torch.Tensor, fakes: dict[str, torch.Tensor], seed: int = 0) -> di
     0), and every descriptor is normalised by the per-channel mean and deviation of the `real` set's
     descriptors at that level (Karras et al. normalised each set by its own, which hides shifts in colour
     or contrast). The same seed draws the same patches and directions, so runs compare."""
-    from ot.sliced import get_random_projections
-
     def levels(x):
         return laplacian_pyramid(x.float() / 255 if x.dtype == torch.uint8 else x.float())
 
@@ -310,10 +291,9 @@ def missing_inception_message() -> str:
 def inception_extractor(path: Path):
     """torchmetrics' Inception v3 (2048-d pool features) with weights from `path`, read with
     weights_only=True; torch-fidelity itself would unpickle the file, so it gets a copy of the tensors."""
-    import tempfile
-
     try:
-        from torchmetrics.image.fid import NoTrainInceptionV3  # torch-fidelity is checked when it is built
+        # here: torch-fidelity, which the Inception network needs, is the optional `fid` extra
+        from torchmetrics.image.fid import NoTrainInceptionV3
     except ImportError as exn:
         raise QualityError("--fid needs torchmetrics and torch-fidelity: pip install torchmetrics torch-fidelity") from exn
     state = load_tensors(path, {})
@@ -337,6 +317,7 @@ def fid_kid(real: torch.Tensor, fakes: dict[str, torch.Tensor], feature, batch: 
     """FID and KID (mean and deviation over subsets) of each set in `fakes` against `real`, all uint8
     (N, 3, H, W), through torchmetrics with `feature`: its Inception network or any nn.Module that maps
     uint8 images to (N, D) features. The real features are computed once."""
+    # here, as in inception_extractor: torchmetrics' FID and KID load torch-fidelity, the optional `fid` extra
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -403,8 +384,6 @@ def probe_ends(images: torch.Tensor, values: torch.Tensor, ends: torch.Tensor, s
     """A logistic probe on 16x16 pixels, trained on real `images` (uint8 (N, 3, 64, 64)) with labels
     `values` (+-1), rating decoded `ends` ((R, 2, 3, 64, 64) floats: the -S and +S ends of each row):
     (mean probability of the attribute at the - end, at the + end)."""
-    from sklearn.linear_model import LogisticRegression
-
     def features(x):
         return F.avg_pool2d(x.float() / (255 if x.dtype == torch.uint8 else 1), 4).flatten(1).numpy()
 

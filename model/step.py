@@ -4,11 +4,12 @@
     step = TrainStep(model, optimizer, device, amp="bf16", channels_last=True, compile=True)
     stats = step(images)  # uint8 (B, 3, 64, 64) batch -> VAELoss of detached tensors, no host sync
 
-    graphed = StaticStep(step, cached_train_loader, capture=True)  # warms up, then captures one CUDA graph
+    graphed = StaticStep(step, cached_train_loader.resident(), capture=True)  # warms up, captures one graph
     graphed.set_epoch(epoch)  # the epoch's rows and flips into its static plan; sums and position to zero
-    for _ in range(len(cached_train_loader)):
+    for _ in range(graphed.steps):
         graphed()             # one step: a graph replay (or the same ops uncaptured)
     graphed.sums              # (4,) device tensor: the VAELoss fields summed over the epoch's steps so far
+    for sums in step.epoch(loader, epoch): ...  # either step, as train.py runs them: the sums after each step
 """
 
 import os
@@ -17,11 +18,13 @@ import shutil
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from typing import Callable, Iterator, Protocol
 
 import torch
+from torch.amp.grad_scaler import _refresh_per_optimizer_state
 
+from common.cli import first_line
 from model.loss import BETA, VAELoss, vae_loss
-from pipeline.cache import gather
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
@@ -122,6 +125,7 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         # The forward and the loss are compiled together; backward follows through AOTAutograd.
         self.compiled = compile
+        self.compile_seconds = None  # the warm-up before epoch 1, which StaticStep times; this step has none
         self.forward_loss = torch.compile(self._forward_loss, mode=compile_mode) if compile else self._forward_loss
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -141,6 +145,14 @@ class TrainStep:
         self.scaler.update()
         return VAELoss(*(t.detach() for t in out))
 
+    def epoch(self, loader, epoch: int) -> Iterator[torch.Tensor]:
+        """Steps over the batches of `loader` (set to `epoch` by its owner); yields after each step the
+        VAELoss fields summed so far, a (4,) tensor on the device (read it and the host waits)."""
+        sums = torch.zeros(len(VAELoss._fields), device=self.device)
+        for images in loader:
+            sums += torch.stack(self(images))
+            yield sums
+
 
 # ----------------------------------------------------------------------------- the static-buffer step
 
@@ -148,14 +160,26 @@ CAPTURE_WARMUP = 3  # eager steps before capture, as in PyTorch's whole-network 
 # inductor's choices, AccumulateGrad's buffers and Adam's state are all made before the graph is)
 
 
+class Resident(Protocol):
+    """A training split resident on the device, handed over by the cache (pipeline/cache.py's
+    CachedLoader.resident()): `steps` batches of `batch_size` per epoch, their `plan(epoch)` (rows and
+    flip coins on the CPU, as the loader draws them) and `gather(rows, flips)`, the loader's own batch."""
+    batch_size: int
+    steps: int
+    flip: bool
+    plan: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]
+
+    def gather(self, rows: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor: ...
+
+
 class StaticStep:
     """TrainStep over a resident cache with every tensor at a fixed address, so that on CUDA the whole
     step -- gather, flips, forward, fp32 loss, backward, fused Adam, the loss sums -- is one CUDA graph.
 
-    Per epoch, `set_epoch` copies the loader's plan (its rows and flip coins for the epoch, drawn on the
-    CPU from (seed, epoch) as the loader draws them) into a static (steps, B) buffer on the device. Each
-    step reads its row of the plan at a device-side position counter, gathers the batch from the cache
-    with the loader's own `gather`, runs `train_step` (whose reparameterisation noise comes from the
+    Per epoch, `set_epoch` copies the resident split's plan (its rows and flip coins for the epoch, drawn
+    on the CPU from (seed, epoch) as the loader draws them) into a static (steps, B) buffer on the device.
+    Each step reads its row of the plan at a device-side position counter, gathers the batch from the
+    cache with the loader's own `gather`, runs `train_step` (whose reparameterisation noise comes from the
     default generator, which a capture registers and each replay advances), adds the VAELoss fields
     into `sums` and advances the counter: the host does nothing but launch. Uncaptured (CPU, DDP, or
     a capture that failed) it runs the same ops, so its steps equal the loader-fed TrainStep's bit for
@@ -169,21 +193,19 @@ class StaticStep:
     them); `graphed` says whether replays run, `why` says so in words. `steps` calls per `set_epoch`.
     """
 
-    def __init__(self, train_step: TrainStep, loader, *, capture: bool, warmup: int | None = None,
-                 report=print):
-        if not getattr(loader, "train", False) or not hasattr(loader, "plan"):
-            raise ValueError("StaticStep serves a training CachedLoader (the resident cache)")
-        self.train_step, self.loader, self.device = train_step, loader, train_step.device
-        self.images, self.batch_size, self.steps = loader.images, loader.batch_size, len(loader)
+    def __init__(self, train_step: TrainStep, resident: Resident, *, capture: bool, warmup: int | None = None,
+                 report=print, epoch: int = 0):
+        self.train_step, self.resident, self.device = train_step, resident, train_step.device
+        self.batch_size, self.steps = resident.batch_size, resident.steps
         if capture and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
         shape = (self.steps, self.batch_size)
         self.rows = torch.zeros(shape, dtype=torch.int64, device=self.device)
-        self.flips = torch.zeros(shape, dtype=torch.bool, device=self.device) if loader.flip else None
+        self.flips = torch.zeros(shape, dtype=torch.bool, device=self.device) if resident.flip else None
         self.position = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.sums = torch.zeros(len(VAELoss._fields), device=self.device)
         self.graph, self.compile_seconds, self.why = None, None, "uncaptured"
-        self.set_epoch(loader.epoch)
+        self.set_epoch(epoch)
         if warmup is None:
             warmup = CAPTURE_WARMUP if capture else 1 if train_step.compiled else 0
         if capture or warmup:
@@ -206,13 +228,13 @@ class StaticStep:
                     for group in train_step.optimizer.param_groups:
                         group["capturable"] = train_step.optimizer.defaults["capturable"]
                     self._restore(saved)
-                    first = (str(exn).strip().splitlines() or [""])[0]
-                    self.why = f"capture failed ({type(exn).__name__}: {first}); the same step runs uncaptured"
+                    self.why = (f"capture failed ({type(exn).__name__}: {first_line(exn)}); the same step runs "
+                                "uncaptured")
                     report(f"cuda graph: {self.why}")
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.compile_seconds = time.perf_counter() - started
-        self.set_epoch(loader.epoch)
+        self.set_epoch(epoch)
 
     @property
     def graphed(self) -> bool:
@@ -221,8 +243,7 @@ class StaticStep:
     def set_epoch(self, epoch: int) -> None:
         """The plan of `epoch` into the static buffers (one copy each, before the epoch's steps); the
         position and the sums back to zero."""
-        self.loader.set_epoch(epoch)
-        rows, flips = self.loader.plan()
+        rows, flips = self.resident.plan(epoch)
         self.rows.copy_(rows.view(self.rows.shape))
         if self.flips is not None:
             self.flips.copy_(flips.view(self.flips.shape))
@@ -233,7 +254,7 @@ class StaticStep:
     def _step(self) -> None:
         rows = self.rows.index_select(0, self.position).view(-1)
         flips = None if self.flips is None else self.flips.index_select(0, self.position).view(-1)
-        out = self.train_step(gather(self.images, rows, flips))
+        out = self.train_step(self.resident.gather(rows, flips))
         self.sums += torch.stack(out)
         self.position += 1
 
@@ -245,6 +266,14 @@ class StaticStep:
             self.graph.replay()
         else:
             self._step()
+
+    def epoch(self, loader, epoch: int) -> Iterator[torch.Tensor]:
+        """TrainStep.epoch's face: the `steps` of `epoch` (the loader's batches are gathered here, so
+        `loader` is not read); yields `sums` after each step."""
+        self.set_epoch(epoch)
+        for _ in range(self.steps):
+            self()
+            yield self.sums
 
     # ------------------------------------------------------------------------- warm-up and capture
 
@@ -304,8 +333,31 @@ class StaticStep:
                     scaler._scale.fill_(scaler._init_scale)
                     scaler._growth_tracker.fill_(scaler._init_growth_tracker)
             # A capture that failed part-way may leave the scaler between unscale and update.
-            from torch.amp.grad_scaler import _refresh_per_optimizer_state
             scaler._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
         torch.set_rng_state(saved["cpu_rng"])
         if saved["cuda_rng"] is not None:
             torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
+
+
+def choose_step(mode: str, train_step: TrainStep, resident: Resident | None, ddp: bool, report):
+    """train.py's --cuda-graph made concrete for the train split (`resident`, or None when it streams): the
+    step to train with, a StaticStep (captured or not) or `train_step`; and a line saying what runs and
+    why (None when nothing needs saying)."""
+    if mode != "on":
+        return train_step, None
+    if resident is None:
+        return train_step, ("--cuda-graph on: the train split streams from its loader, and the graph gathers its "
+                            "batches from the resident cache (--cache on); the ordinary step runs")
+    if train_step.device.type != "cuda":
+        return StaticStep(train_step, resident, capture=False), (
+            f"--cuda-graph on: the device is {train_step.device.type}, which has no CUDA graphs; the same "
+            "static-buffer step runs uncaptured")
+    if ddp:
+        # PyTorch's CUDA notes ask three things of DDP in a graph: NCCL's async error handling off (the
+        # watchdog that --dist-timeout relies on to end a hung job), DDP built on the capture's side stream,
+        # and 11 eager DDP steps before the capture. The first costs a guarantee, so it is not done.
+        return StaticStep(train_step, resident, capture=False), (
+            "--cuda-graph on: not under torchrun, where a graph needs NCCL's async error handling off (the "
+            "--dist-timeout watchdog); the same static-buffer step runs uncaptured")
+    step = StaticStep(train_step, resident, capture=True, report=report)
+    return step, f"cuda graph: {step.why}" if step.graphed else None

@@ -15,9 +15,11 @@ pipeline/loader.py writes this face down as the `Loader` protocol.
 (`source="torch"` or `"dali"`) into a tensor on the device and serves every epoch from it.
 """
 
-from pipeline.cli import default_workers
+from common.cli import default_workers
+from pipeline.cache import cached_loader
 from pipeline.geometry import CROPS, IMAGE_SIZE
 from pipeline.shards import SPLITS, DataError, split_size
+from pipeline.torch_loader import TorchLoader
 
 LOADERS = ("torch", "dali")  # the decoding loaders, train.py's --loader
 ALL_LOADERS = (*LOADERS, "cache")
@@ -36,14 +38,12 @@ def build_loader(name: str, data_path, split: str, batch_size: int, device, *, t
     common = dict(train=split == "train" if train is None else train, rank=rank, world_size=world_size,
                   workers=workers, seed=seed, crop=crop, flip=flip, with_keys=with_keys, **options)
     if name == "torch":
-        from pipeline.torch_loader import TorchLoader
         return TorchLoader(data_path, split, batch_size, device, **common)
     if name == "dali":
-        from pipeline.dali_loader import DaliLoader
+        from pipeline.dali_loader import DaliLoader  # here: DALI is optional and heavy, loaded only when asked for
         return DaliLoader(data_path, split, batch_size, device, **common)
     if name == "cache":
-        from pipeline.cache import cached_loader
-        return cached_loader(data_path, split, batch_size, device, **common)
+        return cached_loader(data_path, split, batch_size, device, fill_with=build_loader, **common)
     raise ValueError(f"unknown loader {name!r}; choose one of {ALL_LOADERS}")
 
 

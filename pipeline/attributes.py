@@ -13,7 +13,7 @@ into ATTRIBUTES in the shard folder, keyed by sample key, listed in manifest.jso
 import hashlib
 from pathlib import Path
 
-from pipeline.files import read_regular
+from common.files import plain_name, read_regular
 
 CELEBA_ATTRIBUTES_FILE = "list_attr_celeba.txt"  # beside img_align_celeba/, as CelebA ships it
 ATTRIBUTES = "attributes.txt"  # in the shard folder: the same format, one row per sample key
@@ -55,11 +55,6 @@ def format_attributes(names: list[str], rows) -> str:
 
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def plain_name(name) -> bool:
-    """A file name inside its folder: no separator, no '..', no URL scheme."""
-    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\:\0")
 
 
 def shard_attributes(data_path, manifest: dict) -> tuple[list[str], dict[str, list[int]]] | None:

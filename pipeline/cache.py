@@ -27,7 +27,9 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -138,6 +140,22 @@ def gather(images: torch.Tensor, rows: torch.Tensor, flips: torch.Tensor | None)
     return batch.permute(0, 3, 1, 2)  # NHWC in memory is channels_last NCHW: a view
 
 
+@dataclass(frozen=True)
+class Resident:
+    """A training split resident on the device, as the cache hands it to the static-buffer step
+    (model/step.py's StaticStep): its `images`, `steps` batches of `batch_size` per epoch, whether it
+    flips, and `plan(epoch)`, the epoch's rows and flip coins on the CPU. `gather` makes a batch by the
+    loader's own ops, so both serve the same pixels."""
+    images: torch.Tensor
+    batch_size: int
+    steps: int
+    flip: bool
+    plan: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]]
+
+    def gather(self, rows: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
+        return gather(self.images, rows, flips)
+
+
 class CachedLoader:
     """Yields (B, 3, 64, 64) uint8 channels_last batches from a Cache, on its device (with keys when asked)."""
 
@@ -159,9 +177,11 @@ class CachedLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def plan(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This rank's rows for the epoch, in order, and each one's flip (None without flips), on the CPU."""
-        generator = torch.Generator().manual_seed(random.Random(f"{self.seed}-{self.epoch}").getrandbits(63))
+    def plan(self, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's rows for `epoch` (None: the one set_epoch set), in order, and each one's flip (None
+        without flips), on the CPU."""
+        epoch = self.epoch if epoch is None else epoch
+        generator = torch.Generator().manual_seed(random.Random(f"{self.seed}-{epoch}").getrandbits(63))
         total = len(self.cache)
         # Drawn for the whole split on every rank: ranks agree on the permutation, and an image's place
         # and flip do not depend on the number of ranks.
@@ -169,6 +189,12 @@ class CachedLoader:
         flips = torch.rand(total, generator=generator) < 0.5 if self.flip else None
         run = slice(self.start, self.start + self.num_samples)
         return order[run], None if flips is None else flips[run]
+
+    def resident(self) -> "Resident":
+        """What the static-buffer step takes from a training split: the resident images and each epoch's plan."""
+        if not self.train:
+            raise ValueError("the static-buffer step serves a training CachedLoader (the resident cache)")
+        return Resident(self.images, self.batch_size, len(self), self.flip, self.plan)
 
     def __iter__(self):
         rows_cpu, flips = self.plan()
@@ -184,13 +210,13 @@ def cached_loader(data_path, split: str, batch_size: int, device, *, train: bool
                   world_size: int = 1, workers: int = 2, seed: int = 0, crop: str = "center",
                   flip: bool | None = None, with_keys: bool = False, source: str = "torch",
                   progress: bool = False, cache_file: str = "off", fill_batch_size: int | None = None,
-                  **options) -> CachedLoader:
-    """Fills a Cache of `split` with one evaluation pass of the `source` loader (`options` go to it), then
-    serves it. `loader.cache.seconds` is how long the fill took. `cache_file="auto"` loads the split from
-    its decoded file beside the shards when that matches, and writes the file after decoding otherwise
-    (pipeline/cache_file.py); "off" neither reads nor writes it. The filling pass reads batches of
-    `fill_batch_size` (default: the larger of `batch_size` and FILL_BATCH_SIZE)."""
-    from pipeline import build_loader  # here: pipeline/__init__.py imports this module
+                  fill_with=None, **options) -> CachedLoader:
+    """Fills a Cache of `split` with one evaluation pass of the `source` loader, which `fill_with` (the signature
+    of pipeline.build_loader) builds with `options`, then serves it. `loader.cache.seconds` is how long the
+    fill took. `cache_file="auto"` loads the split from its decoded file beside the shards when that
+    matches, and writes the file after decoding otherwise (pipeline/cache_file.py); "off" neither reads nor
+    writes it. The filling pass reads batches of `fill_batch_size` (default: the larger of `batch_size` and
+    FILL_BATCH_SIZE)."""
     if cache_file not in cache_files.FILE_MODES:
         raise ValueError(f"cache_file must be one of {cache_files.FILE_MODES}, not {cache_file!r}")
     started = time.perf_counter()
@@ -198,7 +224,7 @@ def cached_loader(data_path, split: str, batch_size: int, device, *, train: bool
     share = (rank, world_size) if exchanges(world_size) else (0, 1)
     keys = stored_keys(split_shards(data_path, split))
     fill_batch_size = fill_batch_size or max(batch_size, FILL_BATCH_SIZE)
-    reader = build_loader(source, data_path, split, fill_batch_size, device, train=False, rank=share[0],
+    reader = fill_with(source, data_path, split, fill_batch_size, device, train=False, rank=share[0],
                           world_size=share[1], workers=workers, seed=seed, crop=crop, flip=False, with_keys=True,
                           **options)
     cache = None
@@ -219,7 +245,7 @@ def cached_loader(data_path, split: str, batch_size: int, device, *, train: bool
     if cache.source == "decoded":  # a reader that never ran holds nothing; a collection costs more than a load
         gc.collect()
     if source == "dali" and device.type == "cuda" and cache.source == "decoded":
-        from nvidia.dali.backend import ReleaseUnusedMemory
+        from nvidia.dali.backend import ReleaseUnusedMemory  # here: DALI is optional, and the fill ran it
         ReleaseUnusedMemory()  # DALI keeps its GPU memory pools after the pipeline is gone
     return CachedLoader(cache, batch_size, train=train, rank=rank, world_size=world_size, seed=seed, flip=flip,
                         with_keys=with_keys)

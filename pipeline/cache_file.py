@@ -18,7 +18,7 @@ and the file's size. The name is made from the run's own choices, never from the
 opened with O_NOFOLLOW and must be a regular file: a planted link or FIFO is refused, so nothing
 outside the shard folder is read.
 
-Writing goes through `pipeline.files.atomic_write` (a unique temporary file, fsync, `os.replace`):
+Writing goes through `common.files.atomic_write` (a unique temporary file, fsync, `os.replace`):
 two processes filling at once each write a whole file and the last rename wins, and a reader holds
 whichever whole file it opened. Before writing, the folder's free space must exceed the file's size
 by DISK_RESERVE; when it does not, or the folder cannot be written (a read-only dataset), the run
@@ -46,10 +46,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline import files
-from pipeline.files import TMP_SUFFIX, atomic_write
+from common import files
+from common.files import TMP_SUFFIX, atomic_write
 from pipeline.geometry import IMAGE_SIZE, PIXELS_VERSION
 from pipeline.shards import MANIFEST, MAX_MANIFEST_BYTES
+from pipeline.torch_loader import jpeg_decoder
 
 MAGIC = b"VAECELEB"
 FORMAT = 1
@@ -90,7 +91,6 @@ def decoder_of(reader) -> tuple[str, str]:
     if kind == "TorchLoader":
         on_gpu = bool(reader.gpu_decode)
         if on_gpu:
-            from pipeline.torch_loader import jpeg_decoder
             name = jpeg_decoder(reader.device)[0]
             libraries.append(f"{name} {version(name)}")
         else:
@@ -158,7 +158,7 @@ def parse_header(block: bytes, expected: dict, magic: bytes = MAGIC, fields: tup
 
 
 def open_regular(path: Path) -> int:
-    """A read-only descriptor of `path`, which must be a regular file and not a link (pipeline/files.py)."""
+    """A read-only descriptor of `path`, which must be a regular file and not a link (common/files.py)."""
     try:
         return files.open_regular(path)
     except FileNotFoundError:

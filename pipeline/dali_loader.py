@@ -23,9 +23,10 @@ import random
 import re
 
 import torch
+from PIL import Image
 
 from pipeline import DALI_INSTALL
-from pipeline.files import open_regular
+from common.files import open_regular
 from pipeline.geometry import CROP_OF, CROP_SIDE, IMAGE_SIZE
 from pipeline.shards import (SHUFFLE_BUFFER, DataError, epoch_order, read_index_text, rebuild_hint, split_shards,
                              take)
@@ -127,7 +128,6 @@ def check_shards(data_path, split, shards) -> dict:
 
 def find_undecodable(spans):
     """(shard, key) of the first sample PIL cannot decode: DALI's decode errors do not say which."""
-    from PIL import Image
     for span in spans:
         with os.fdopen(open_regular(span.shard.tar), "rb") as tar:
             tar_size = os.fstat(tar.fileno()).st_size

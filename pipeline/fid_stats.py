@@ -17,7 +17,7 @@ what that header implies and the payload matches its CRC-32 and holds finite num
 (another network, crop or image count, a rebuilt manifest, a truncated or damaged file, a file that is
 not this project's, a link) is said in one line, recomputed, and the file replaced. The name is made
 from the run's own choices, the file opened without following links; the count sizes nothing before
-it equals the run's own. Written with pipeline.files.atomic_write; a folder that cannot be written (a
+it equals the run's own. Written with common.files.atomic_write; a folder that cannot be written (a
 read-only dataset) is said in one line and the run goes on with the statistics it computed.
 """
 
@@ -30,9 +30,10 @@ from typing import Callable
 
 import torch
 
-from pipeline import cache_file, files
+from common import files
+from common.files import atomic_write
+from pipeline import cache_file
 from pipeline.cache_file import HEADER_BYTES, Unusable, open_regular, read_exactly, remove_stale_temporaries
-from pipeline.files import atomic_write
 from pipeline.geometry import PIXELS_VERSION
 from pipeline.shards import MANIFEST, MAX_MANIFEST_BYTES
 

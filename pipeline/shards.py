@@ -13,7 +13,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.files import NotRegularFile, open_regular, read_regular
+from common.files import NotRegularFile, open_regular, plain_name, read_regular
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
@@ -86,14 +86,6 @@ def load_manifest(data_path) -> dict:
         raise DataError(f"{path}: {problem}, so these are not shards prep/shard.py wrote and nothing in the folder "
                         f"is read; {make_again_hint(data_path, overwrite=True)}")
     return manifest
-
-
-def plain_name(name) -> bool:
-    """Whether `name` is a plain file name, which can only mean a file inside the folder it is joined to:
-    no path separator, not `.` or `..`, no URL scheme or drive (`pipe:`, `http:`, `C:`), no NUL, no
-    leading dash (an option to a command)."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and not name.startswith("-")
-            and not any(c in name for c in "/\\:\0"))
 
 
 def manifest_problem(manifest) -> str | None:

@@ -34,8 +34,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.cli import first_line
-from pipeline.files import NotRegularFile, open_regular
+from common.cli import first_line
+from common.files import NotRegularFile, open_regular
 from pipeline.geometry import IMAGE_SIZE, crop_box
 from pipeline.images import check_pixels, open_image
 from pipeline.shards import SHUFFLE_BUFFER, DataError, epoch_order, rank_samples, rebuild_hint, split_shards, take
@@ -110,7 +110,7 @@ def cause(exn: Exception) -> str:
     first = exn.args[0] if exn.args else ""
     while isinstance(first, tuple) and first:
         first = first[0]
-    return str(first).split(" @ ", 1)[0] or type(exn).__name__
+    return first_line(exn, str(first).split(" @ ", 1)[0])
 
 
 def tar_members(stream, url: str, size: int):

@@ -43,19 +43,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import webdataset as wds  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pipeline import cli  # noqa: E402
+from common import cli  # noqa: E402
+from common.files import atomic_write, temporary_beside  # noqa: E402
 from pipeline.attributes import (ATTRIBUTES, CELEBA_ATTRIBUTES_FILE, AttributeFileError, file_digest,  # noqa: E402
                                  format_attributes, parse_attributes)
-from pipeline.files import (FolderBusy, atomic_write, lock_folder, open_regular, read_regular,  # noqa: E402
-                            temporary_beside)
+from common.files import FolderBusy, lock_folder, open_regular, read_regular  # noqa: E402
 from pipeline.images import DEFAULT_QUALITY, TooManyPixels, stored_form  # noqa: E402
 from pipeline.shards import MANIFEST, MAX_MANIFEST_BYTES, SPLITS, manifest_problem, shard_command  # noqa: E402
+from prep.synthetic import write_synthetic  # noqa: E402
 
 CELEBA_SPLIT = {"train": 162_770, "val": 19_867, "test": 19_962}  # official partition sizes
 PARTITION_FILE = "list_eval_partition.txt"
 JOURNAL = ".journal.jsonl"
 DALI_INDEX_VERSION = "v1.2"
-# The names this script writes: shards, their indexes, and their temporary files (pipeline/files.py's names).
+# The names this script writes: shards, their indexes, and their temporary files (common/files.py's names).
 SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.(tar|idx)$|^\.(train|val|test)-\d{6}\.(tar|idx)\..+\.tmp$")
 # What a sample key may hold: a DALI index line is space-separated fields, and webdataset splits a member
 # name at its first dot. Other characters in a file name become "_" (listed in the manifest's "renamed").
@@ -300,7 +301,7 @@ def sha256_file(path: Path) -> str:
 
 
 class ShardWriter:
-    """One shard: a tar streamed into a temporary file of its own (pipeline/files.py), renamed once it
+    """One shard: a tar streamed into a temporary file of its own (common/files.py), renamed once it
     is whole and its index is written."""
 
     def __init__(self, out_dir: Path, name: str):
@@ -569,7 +570,6 @@ def main(argv=None):
         if problem:
             fail(f"{flag} {folder}: {problem}; choose another folder")
     if args.synthetic:
-        from prep.synthetic import write_synthetic
         write_synthetic(args.data_path, args.synthetic, seed=args.seed, workers=args.workers, progress=not args.quiet)
 
     files = list_images(args.data_path)
@@ -596,7 +596,7 @@ def main(argv=None):
 
 
 def lock_output(out: Path) -> int:
-    """The lock on the output folder (pipeline/files.py's, as train.py takes on its own): a second run on the
+    """The lock on the output folder (common/files.py's, as train.py takes on its own): a second run on the
     same folder would delete the first one's temporary files. A link to a folder is followed once, here."""
     try:
         return lock_folder(out.resolve())

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from pipeline.attributes import CELEBA_ATTRIBUTES_FILE, format_attributes
-from pipeline.files import atomic_write
+from common.files import atomic_write
 
 W, H = 178, 218
 M = 26  # drawing margin, so shifted/rotated shoulders and hair still fill the frame

@@ -259,7 +259,7 @@ def test_ddp_over_nccl_with_compile(tmp_path):
 def test_the_background_checkpoint_copies_through_pinned_memory_what_the_gpu_holds(tmp_path):
     """CheckpointWriter on CUDA: pinned buffers, copies that the host does not wait for, and a written
     checkpoint whose every tensor equals the device's at the moment of save, though training went on."""
-    from model.checkpoint import CheckpointWriter, checkpoint_state, rng_state
+    from run.checkpoint import CheckpointWriter, checkpoint_state, rng_state
 
     torch.manual_seed(0)
     model = VariationalAutoEncoder(z_dim=16).to(CUDA)

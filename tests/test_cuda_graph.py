@@ -15,7 +15,7 @@ import torch
 import train
 from conftest import no_host_sync
 from model import VariationalAutoEncoder
-from model.step import StaticStep, TrainStep, make_optimizer
+from model.step import StaticStep, TrainStep, choose_step, make_optimizer
 from pipeline import build_loader
 
 BATCH = 16
@@ -76,7 +76,7 @@ def test_the_uncaptured_static_step_is_todays_step_bit_for_bit(cached_train, war
     torch.manual_seed(1)
     expected = ordinary_epochs(step_a, cached_train, 2)
     torch.manual_seed(1)
-    static = StaticStep(step_b, cached_train, capture=False, warmup=warmup)
+    static = StaticStep(step_b, cached_train.resident(), capture=False, warmup=warmup)
     assert not static.graphed and static.compile_seconds > 0
     got = static_epochs(static, 2)
     for a, b in zip(expected, got):
@@ -92,11 +92,10 @@ def test_the_uncaptured_static_step_is_todays_step_bit_for_bit(cached_train, war
     assert moved
 
 
-def test_the_static_step_refuses_a_loader_that_is_not_the_cache(shards):
-    _, step = make("cpu")
-    streamed = build_loader("torch", shards, "train", BATCH, "cpu", workers=0)
+def test_the_static_step_takes_only_a_training_split_of_the_cache(shards):
+    evaluation = build_loader("cache", shards, "val", BATCH, "cpu", workers=1, source="torch")
     with pytest.raises(ValueError, match="training CachedLoader"):
-        StaticStep(step, streamed, capture=False)
+        evaluation.resident()
 
 
 def run(shards, out, *extra):
@@ -131,11 +130,10 @@ def test_cuda_graph_on_a_cpu_says_so_in_one_line_and_trains_alike(shards, tmp_pa
 
 def test_cuda_graph_on_without_the_cache_runs_the_ordinary_step_and_says_why(shards, cached_train):
     _, step = make("cpu")
-    streamed = build_loader("torch", shards, "train", BATCH, "cpu", workers=0)
-    assert train.choose_step("on", step, streamed, cached=False, ddp=False, report=pytest.fail) == (
-        None, "--cuda-graph on: the train split streams from its loader, and the graph gathers its batches from "
+    assert choose_step("on", step, None, ddp=False, report=pytest.fail) == (
+        step, "--cuda-graph on: the train split streams from its loader, and the graph gathers its batches from "
               "the resident cache (--cache on); the ordinary step runs")
-    assert train.choose_step("auto", step, cached_train, cached=True, ddp=False, report=pytest.fail) == (None, None)
+    assert choose_step("auto", step, cached_train.resident(), ddp=False, report=pytest.fail) == (step, None)
 
 
 @pytest.mark.flag_effect("train.py", "--figures-every")
@@ -219,7 +217,7 @@ def test_the_graphed_step_matches_the_uncaptured_one_after_20_steps(cuda_cache, 
     for capture in (False, True):
         model, step = make("cuda", amp, compile)
         torch.manual_seed(1)
-        static = StaticStep(step, cuda_cache, capture=capture, report=pytest.fail)
+        static = StaticStep(step, cuda_cache.resident(), capture=capture, report=pytest.fail)
         assert static.graphed == capture, static.why
         runs[capture] = model, step, twenty_steps(static)
     (ref, ref_step, ref_sums), (got, got_step, got_sums) = runs[False], runs[True]
@@ -243,7 +241,7 @@ def test_a_failed_capture_is_one_line_and_the_step_trains_uncaptured(cuda_cache)
     start = flat(make("cuda")[0])
     ref_model, ref_step = make("cuda")
     torch.manual_seed(1)
-    ref = StaticStep(ref_step, cuda_cache, capture=False)
+    ref = StaticStep(ref_step, cuda_cache.resident(), capture=False)
     model, step = make("cuda")
     real = step.forward_loss
 
@@ -255,7 +253,7 @@ def test_a_failed_capture_is_one_line_and_the_step_trains_uncaptured(cuda_cache)
     step.forward_loss = reads_the_loss
     said = []
     torch.manual_seed(1)
-    static = StaticStep(step, cuda_cache, capture=True, report=said.append)
+    static = StaticStep(step, cuda_cache.resident(), capture=True, report=said.append)
     assert not static.graphed and len(said) == 1 and said[0].startswith("cuda graph: capture failed ("), said
     assert all(not group["capturable"] for group in step.optimizer.param_groups)
     for runner in (ref, static):

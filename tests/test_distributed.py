@@ -25,6 +25,7 @@ from conftest import split_keys, copy_shards
 from model import VAELoss, VariationalAutoEncoder
 from model.step import TrainStep
 from pipeline.shards import epoch_order, rank_samples, split_shards, take
+from run.launch import cpu_threads, usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "tests" / "torchrun_probe.py"
@@ -37,6 +38,11 @@ CASES = {"torch": ["--loader", "torch", "--cache", "off"], "dali": ["--loader", 
          "cache": ["--loader", "torch", "--cache", "on"]}
 # fp32 (--amp off) everywhere, also on CPUs where auto picks bf16: the comparisons with one process below
 # hold to float rounding only when both evaluate in the same precision.
+# metrics.jsonl's fields that time the run rather than describe the training (compile_s, fill_s and
+# fill_source only in a run's first line, quality_seconds only in its last): a resumed run's lines equal an
+# uninterrupted run's but for these.
+TIMINGS = ("seconds", "images_per_s", "wall_s", "eval_s", "figures_s", "checkpoint_s", "compile_s", "fill_s",
+           "fill_source", "quality_seconds")
 FLAGS = ["--epochs", "2", "--batch-size", str(BATCH), "--workers", "1", "--seed", "5", "--amp", "off"]
 
 
@@ -311,8 +317,8 @@ def test_resume_under_torchrun_continues_bit_identically(two_ranks, shards, tmp_
     setups = "\n".join(["straight run:", *setup(log), "resumed run:", *setup(resumed_log)])
     assert same_weights(weights(tmp_path / "out" / "vae_celeba.pth"), weights(out / "vae_celeba.pth")), setups
     straight, resumed = metrics(out)[-1], metrics(tmp_path / "out")[-1]
-    assert {k: v for k, v in resumed.items() if k not in train.TIMINGS} == {
-        k: v for k, v in straight.items() if k not in train.TIMINGS}, setups
+    assert {k: v for k, v in resumed.items() if k not in TIMINGS} == {
+        k: v for k, v in straight.items() if k not in TIMINGS}, setups
 
 
 # ----------------------------------------------------------------------------- two machines, played by one
@@ -358,7 +364,7 @@ def test_a_rank_that_cannot_read_its_shard_ends_the_job_with_its_error(shards, t
     assert time.monotonic() - run.started < 150
     assert 'train.py", line' not in output
     # Without --threads, torchrun's OMP_NUM_THREADS=1 counts as unset: the cores are shared out.
-    assert f"CPU threads {max(1, train.usable_cores() // 2)} per process" in output
+    assert f"CPU threads {max(1, usable_cores() // 2)} per process" in output
 
 
 def test_a_node_that_stops_answering_ends_the_job_after_the_timeout(shards, tmp_path, launches):
@@ -389,14 +395,14 @@ def test_a_node_that_stops_answering_ends_the_job_after_the_timeout(shards, tmp_
 
 
 def test_thread_count_per_rank():
-    cores = train.usable_cores()
-    assert train.cpu_threads(3, 2, {}) == 3  # --threads wins
-    assert train.cpu_threads(None, 1, {}) is None  # one process: torch's default, every core
-    assert train.cpu_threads(None, 1, {"OMP_NUM_THREADS": "1"}) is None  # set by the user: torch honours it
-    assert train.cpu_threads(None, 2, {"OMP_NUM_THREADS": "3"}) is None
-    assert train.cpu_threads(None, 2, {"OMP_NUM_THREADS": "1"}) == max(1, cores // 2)  # torchrun's default
-    assert train.cpu_threads(None, 2, {}) == max(1, cores // 2)
-    assert train.cpu_threads(None, 4 * cores, {}) == 1
+    cores = usable_cores()
+    assert cpu_threads(3, 2, {}) == 3  # --threads wins
+    assert cpu_threads(None, 1, {}) is None  # one process: torch's default, every core
+    assert cpu_threads(None, 1, {"OMP_NUM_THREADS": "1"}) is None  # set by the user: torch honours it
+    assert cpu_threads(None, 2, {"OMP_NUM_THREADS": "3"}) is None
+    assert cpu_threads(None, 2, {"OMP_NUM_THREADS": "1"}) == max(1, cores // 2)  # torchrun's default
+    assert cpu_threads(None, 2, {}) == max(1, cores // 2)
+    assert cpu_threads(None, 4 * cores, {}) == 1
 
 
 def test_help_explains_the_distributed_flags(capsys):

@@ -75,7 +75,7 @@ def test_each_page_lists_the_flags_help_prints(script):
 
 
 def test_the_resume_guarantee_names_the_settings_resume_checks():
-    from model.checkpoint import SETTINGS
+    from run.checkpoint import SETTINGS
 
     rows = [line for line in (ROOT / "docs/training.md").read_text().splitlines()
             if line.startswith("| `--resume` with other")]

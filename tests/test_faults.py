@@ -30,7 +30,8 @@ from PIL import Image
 import generate
 import train
 from conftest import copy_shards
-from model import checkpoint
+from run import checkpoint
+from run.folder import RUN_OUTPUTS
 from prep import shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -446,7 +447,7 @@ def test_a_link_planted_at_a_temporary_name_is_not_followed(tiny, tmp_path, monk
     target.write_bytes(b"not to be overwritten")
     out = tmp_path / "out"
     out.mkdir()
-    names = [*train.RUN_OUTPUTS, "reconstructions_epoch1.png", "run.json"]
+    names = [*RUN_OUTPUTS, "reconstructions_epoch1.png", "run.json"]
     links = [out / f".{name}.planted.tmp" for name in names] + [out / f"{name}.tmp" for name in names]
     for link in links:
         link.symlink_to(target)
@@ -490,7 +491,7 @@ STALLED_WRITE = """
 import pathlib, sys, time
 sys.path.insert(0, {root!r})
 import train
-from model import checkpoint
+from run import checkpoint
 
 real = checkpoint.atomic_write
 

@@ -3,12 +3,14 @@ are parsed: a bad value is one line from argparse (exit code 2), before anything
 
 import importlib.util
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 
 import train
 from prep import shard
+from run.recovery import rerun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,3 +91,17 @@ def test_an_unwritable_json_path_is_refused_before_the_benchmark_runs(tmp_path, 
     with pytest.raises(SystemExit) as exc:
         benchmark_parse_args(["--json", str(a_file / "results.json")])
     assert exc.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_the_next_command_is_made_from_the_flags_as_parsed(tmp_path):
+    """Abbreviated and short flags count as the flags they are: --overw is --overwrite, and the command a
+    stopped run prints keeps the others, in the order given, and replaces the ones it changes."""
+    out = tmp_path / "out"
+    args = train.parse_args(["--data-path", "shards", "-b", "8", "--output-dir", str(out), "--overw", "--no-flip",
+                             "--lr", "1e-3"])
+    assert rerun(args, start_over=True) == shlex.join(["python", "train.py", "--data-path", "shards", "--batch-size",
+                                                       "8", "--output-dir", str(out), "--no-flip", "--lr", "0.001",
+                                                       "--overwrite"])
+    assert rerun(args, out / "checkpoint.pt", extra=("--resume-force", "--lr", "0.0001")) == shlex.join(
+        ["python", "train.py", "--data-path", "shards", "--batch-size", "8", "--output-dir", str(out), "--no-flip",
+         "--resume", "--resume-force", "--lr", "0.0001"])

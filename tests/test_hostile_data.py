@@ -31,8 +31,7 @@ import generate
 from conftest import ROOT, copy_shards
 from pipeline import DataError, build_loader
 from pipeline.attributes import ATTRIBUTES, AttributeFileError, shard_attributes
-from pipeline.cache import cached_loader
-from pipeline.files import FolderBusy, lock_folder
+from common.files import FolderBusy, lock_folder
 from pipeline.images import MAX_PIXELS, TooManyPixels, open_image
 from pipeline.shards import MANIFEST, Shard, Span, load_manifest, split_shards
 from pipeline.torch_loader import ShardStream, decode_crop, read_spans
@@ -118,7 +117,7 @@ def test_every_cpu_path_decodes_each_odd_image_alike(tmp_path):
         "torch device decode": by_key(build_loader("torch", out, "train", n, "cpu", train=False, workers=0,
                                                    with_keys=True, gpu_decode=True)),
         "dali": by_key(build_loader("dali", out, "train", n, "cpu", train=False, workers=1, with_keys=True)),
-        "cache fill": by_key(cached_loader(out, "train", n, "cpu", train=False, workers=0, with_keys=True)),
+        "cache fill": by_key(build_loader("cache", out, "train", n, "cpu", train=False, workers=0, with_keys=True)),
         "generate.py": {Path(name).stem: generate.read_image(data / name, "center").permute(1, 2, 0).numpy()
                         for name, _, _ in cases},
     }
@@ -300,7 +299,7 @@ def test_a_fifo_in_the_shard_folder_is_refused_not_waited_on(tiny, tmp_path, nam
     """A FIFO at a split's .idx hung the cache fill forever."""
     data = copy_shards(tiny, tmp_path / "shards")
     with fifo_at(data / name), pytest.raises(DataError, match="is a FIFO, not a regular file"):
-        cached_loader(data, "train", 8, "cpu", train=True, workers=0)
+        build_loader("cache", data, "train", 8, "cpu", train=True, workers=0)
 
 
 def test_a_fifo_at_the_attribute_file_is_refused(tiny, tmp_path):
@@ -313,19 +312,19 @@ def test_a_fifo_at_the_attribute_file_is_refused(tiny, tmp_path):
 
 
 def test_an_attribute_file_linked_to_dev_zero_is_refused(tiny, tmp_path):
-    """attributes.txt linked to /dev/zero read until MemoryError: run under a 1 GB address-space limit
-    (the process imports no torch), so the old code fails in a second instead of taking the machine."""
+    """attributes.txt linked to /dev/zero read until MemoryError: the read runs in a process whose address
+    space may grow by 1 GB past what its imports took, so the old code fails in a second instead of taking
+    the machine."""
     data = copy_shards(tiny, tmp_path / "shards")
     (data / ATTRIBUTES).unlink(missing_ok=True)
     (data / ATTRIBUTES).symlink_to("/dev/zero")
-    code = ("import sys; from pipeline.attributes import shard_attributes, AttributeFileError\n"
+    code = ("import resource, sys; from pipeline.attributes import shard_attributes, AttributeFileError\n"
+            "used = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (used + (1 << 30), used + (1 << 30)))\n"
             f"try: shard_attributes({str(data)!r}, {{'attributes': {{'file': {ATTRIBUTES!r}}}}})\n"
             "except AttributeFileError as exn: print('error:', exn, file=sys.stderr); sys.exit(1)\n")
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          preexec_fn=limit, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 1
     assert "is a symbolic link" in error_line(proc.stderr)
 
@@ -387,7 +386,7 @@ def test_a_second_prep_on_the_same_folder_stops_naming_the_first(faces_dir, tmp_
     data = few_faces(faces_dir, tmp_path / "img_align_celeba")
     out = tmp_path / "shards"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from pipeline.files import lock_folder; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from common.files import lock_folder; "
                                f"lock_folder({str(out)!r}); print('locked', flush=True); sys.stdin.read()"],
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})

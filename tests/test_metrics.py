@@ -1,5 +1,6 @@
 """The quality figures (model/metrics.py), train.evaluate's averaging of them, and model/figures.py's lines in z."""
 
+import json
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import train
 from model import VariationalAutoEncoder, vae_loss
 from model import figures, metrics
 from model.step import TrainStep
+from run.record import MetricsFile
 
 
 def fixed_pair(seed=0, batch=5):
@@ -120,3 +122,17 @@ def test_interpolation_runs_on_the_straight_line_between_posterior_means():
     assert grid.shape == (3, 3 * 66 + 2, 7 * 66 + 2)  # rows: A, 5 decodings, B
     torch.testing.assert_close(grid[:, 2:66, 2:66], a[0])
     torch.testing.assert_close(grid[:, 2:66, 6 * 66 + 2:7 * 66], b[0])
+
+
+def test_metrics_jsonl_keeps_other_rows_and_drops_the_epochs_a_resume_trains_again(tmp_path):
+    """generate.py --evaluate's rows have no epoch: a resumed run keeps them and drops the rows of the
+    epochs past its checkpoint (and a damaged line)."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"epoch": 1, "loss": 1.0}, {"epoch": 2, "loss": 0.5}, {"kind": "evaluate", "swd_prior": 9.0},
+            {"epoch": 3, "loss": 0.25}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"epoch": 4, "lo')
+    kept = MetricsFile(path, epochs=2)
+    assert kept.epochs == rows[:2] and kept.rows == rows[:3]
+    kept.append({"epoch": 3, "loss": 0.3})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [*rows[:3], {"epoch": 3, "loss": 0.3}]
+    assert MetricsFile(path).epochs == [*rows[:2], {"epoch": 3, "loss": 0.3}]

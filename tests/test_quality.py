@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from model import quality
-from pipeline.attributes import CELEBA_ATTRIBUTES_FILE, ATTRIBUTES, parse_attributes, shard_attributes
+from pipeline.attributes import CELEBA_ATTRIBUTES_FILE, ATTRIBUTES, AttributeFileError, parse_attributes, shard_attributes
 from prep.synthetic import ATTRIBUTE_NAMES, make_face_and_attributes
 
 # CelebA's 40 attributes, in the order of its list_attr_celeba.txt.
@@ -18,6 +18,14 @@ CELEBA_NAMES = (
     "Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose Receding_Hairline "
     "Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick "
     "Wearing_Necklace Wearing_Necktie Young").split()
+
+
+def mixture_moments(gmm: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixture's mean and covariance: sum_k w_k mu_k and sum_k w_k (S_k + mu_k mu_k^T) - mu mu^T."""
+    w, mu, cov = gmm["weights"].double(), gmm["means"].double(), gmm["covariances"].double()
+    mean = w @ mu
+    second = torch.einsum("k,kij->ij", w, cov + mu[:, :, None] * mu[:, None, :])
+    return mean, second - torch.outer(mean, mean)
 
 
 def smooth_images(n, seed):
@@ -85,7 +93,7 @@ def test_gmm_samples_have_the_mixtures_mean_and_covariance(gmm_file):
     gmm = quality.load_gmm(gmm_file)
     n = 40_000
     z = quality.draw_latents(n, 4, torch.Generator().manual_seed(1), gmm=gmm).double()
-    mean, cov = quality.mixture_moments(gmm)
+    mean, cov = mixture_moments(gmm)
     sd = cov.diagonal().sqrt()
     assert ((z.mean(0) - mean).abs() < 4 * sd / n ** 0.5).all()  # 4 standard errors
     # The sample covariance's standard error is about sqrt((S_ii S_jj + S_ij^2) / n); 5 of them, for heavy tails.
@@ -181,7 +189,7 @@ def test_the_shards_carry_the_attributes_in_a_side_file_the_manifest_lists(shard
     _, by_file = parse_attributes((faces_dir.parent / CELEBA_ATTRIBUTES_FILE).read_text(), "synthetic")
     assert by_key == {name[:-4]: values for name, values in by_file.items()}  # keyed by sample key
     for entry in ("../attributes.txt", "/etc/passwd", "pipe:cat attributes.txt"):
-        with pytest.raises(quality.AttributeFileError, match="not a plain file name"):
+        with pytest.raises(AttributeFileError, match="not a plain file name"):
             shard_attributes(shards, {"attributes": {"file": entry}})
 
 
@@ -192,7 +200,7 @@ def test_the_shards_carry_the_attributes_in_a_side_file_the_manifest_lists(shard
     ("1\nSmiling Smiling\n1.jpg 1 1\n", "line 2"),
 ])
 def test_a_bad_attribute_file_is_one_line_naming_the_place(text, where):
-    with pytest.raises(quality.AttributeFileError) as exc:
+    with pytest.raises(AttributeFileError) as exc:
         parse_attributes(text, "list_attr_celeba.txt")
     assert where in str(exc.value) and "\n" not in str(exc.value)
 

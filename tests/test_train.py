@@ -330,12 +330,3 @@ def test_the_end_of_training_writes_every_sample_quality_file_and_field(trained)
     assert last["attribute_names"] == vectors["names"] and "Smiling" in vectors["names"]
     assert last["quality_seconds"] > 0
     assert all("swd_prior" not in r for r in rows[:-1])  # the last epoch's row alone
-
-
-def test_without_scikit_learn_or_pot_a_run_still_ends_with_its_weights(shards, tmp_path, monkeypatch, capsys):
-    from model import quality
-
-    monkeypatch.setattr(quality, "missing_packages", lambda: ["scikit-learn", "POT"])
-    assert run(shards, tmp_path, "--epochs", "1", "--cache", "off") == 0
-    assert (tmp_path / "vae_celeba.pth").is_file() and not (tmp_path / "vae_celeba.gmm.pt").exists()
-    assert "note: no GMM, SWD or attribute vectors: pip install scikit-learn POT" in capsys.readouterr().err

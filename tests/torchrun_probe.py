@@ -9,7 +9,7 @@ what they compute is unchanged:
   training loop gets the images alone, as before.
 - evaluate, which every rank calls after each epoch: the rank's weights and the state of its random
   generator (evaluation samples z) go to PROBE_DIR/rank{R}-epoch{E}.pt as {"model", "rng"}.
-- model.checkpoint.write_checkpoint, which rank 0's checkpoint thread calls: each epoch's checkpoint
+- run.checkpoint.write_checkpoint, which rank 0's checkpoint thread calls: each epoch's checkpoint
   is also copied to PROBE_DIR/checkpoint-epoch{E}.pt, so that a later run can resume from any epoch.
 """
 
@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-from model import checkpoint  # noqa: E402
+from run import checkpoint  # noqa: E402
 
 
 class KeyRecorder:

@@ -3,8 +3,8 @@
 Flag types that refuse bad numbers while the flags are parsed (`--batch-size 0` is one line from
 argparse, not a ZeroDivisionError an hour later), a parser whose errors are one line, the help
 formatter, the default worker count, the image suffixes, an exception's first line for one-line
-errors, and the check that a folder can be written into before anything is created in it. It lives in pipeline/ because
-that is the one package all three scripts already import, and it imports nothing heavy: prep/shard.py
+errors, the flags a command line gives (and the command line they make again), and the check that a
+folder can be written into before anything is created in it. Imports nothing heavy: prep/shard.py
 does not pay for torch.
 """
 
@@ -29,10 +29,16 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def first_line(exn: BaseException) -> str:
-    """An exception's message cut to its first line (its type's name when it has none): for one-line errors."""
-    text = str(exn).strip()
+def first_line(exn: BaseException, message: str | None = None) -> str:
+    """An exception's message (or `message`, the part of it that matters) cut to its first line, its type's
+    name when there is none: for one-line errors."""
+    text = (str(exn) if message is None else message).strip()
     return text.splitlines()[0] if text else type(exn).__name__
+
+
+def first_sentence(exn: BaseException) -> str:
+    """The first sentence of an exception's first line, which is the part that says what is wrong."""
+    return first_line(exn).split(". ", 1)[0].rstrip(".")
 
 
 def default_workers(cap: int | None = LOADER_WORKERS_CAP, spare: int = 1) -> int:
@@ -118,27 +124,46 @@ def image_path(text: str) -> Path:
     return path
 
 
-def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
-    """The destinations of the flags that `argv` gives explicitly, whatever their values (a flag given its
-    default value counts as given): parsed again with every default suppressed."""
-    saved = {action: action.default for action in parser._actions}
-    try:
-        for action in parser._actions:
-            action.default = argparse.SUPPRESS
-        return set(vars(parser.parse_args(argv)))
-    finally:
-        for action, default in saved.items():
-            action.default = default
+def given_flags(parser: argparse.ArgumentParser, argv) -> dict:
+    """destination -> value of each flag that `argv` gives explicitly, in the order given, whatever its value
+    (a flag given its default value counts as given): parsed again into a namespace where every
+    destination is already set, so that argparse fills in no default."""
+    unset = object()
+    namespace = _Given(**{dest: unset for dest in vars(parser.parse_args([]))})
+    namespace.order.clear()
+    parser.parse_args(argv, namespace=namespace)
+    return {dest: getattr(namespace, dest) for dest in namespace.order}
 
 
-def refuse_other_modes(parser: argparse.ArgumentParser, given: set[str], mode: str,
-                       flags_of: dict[str, set[str]]) -> None:
+class _Given(argparse.Namespace):
+    """A namespace that remembers the order in which the parser sets its fields."""
+
+    def __setattr__(self, name, value):
+        order = self.__dict__.setdefault("order", [])
+        if name not in order:
+            order.append(name)
+        super().__setattr__(name, value)
+
+
+def option(dest: str) -> str:
+    """The long flag of a destination: batch_size -> --batch-size."""
+    return "--" + dest.replace("_", "-")
+
+
+def flag_tokens(dest: str, value) -> list[str]:
+    """A flag and its value as command-line tokens: True is the bare flag, False its --no- form."""
+    if value is True:
+        return [option(dest)]
+    if value is False:
+        return [f"--no-{option(dest)[2:]}"]
+    return [option(dest), str(value)]
+
+
+def refuse_other_modes(parser: argparse.ArgumentParser, given, mode: str, flags_of: dict[str, set[str]]) -> None:
     """One line from `parser` when a flag that only some modes use (`flags_of`: mode -> destinations) is
     given with `mode`: it would be silently ignored."""
     own = flags_of.get(mode, set())
-    for dest in sorted(given - own):
+    for dest in sorted(set(given) - own):
         modes = [m for m, dests in flags_of.items() if dest in dests]
         if modes:
-            option = next(a.option_strings[-1] for a in parser._actions if a.dest == dest)
-            parser.error(f"{option} goes with {' or '.join('--' + m.replace('_', '-') for m in modes)}, "
-                         f"not with --{mode.replace('_', '-')}")
+            parser.error(f"{option(dest)} goes with {' or '.join(option(m) for m in modes)}, not with {option(mode)}")

@@ -15,13 +15,14 @@ Nothing else in the project draws from python's `random` or numpy's global gener
 seed their own), so their states are not kept. vae_celeba.pth is the same kind of file with the
 tag `vae-celeba weights`, holding the plain CPU state_dict and nothing else.
 
-write_checkpoint writes through pipeline.files.atomic_write (a unique temporary file, synced), reads
+write_checkpoint writes through common.files.atomic_write (a unique temporary file, synced), reads
 the file back and compares it with the bytes it meant to write, then rotates: the old
 `checkpoint.pt` becomes `checkpoint.prev.pt` (linked first, so `checkpoint.pt` names a whole
 checkpoint at every moment) and the new file takes its name. A failure at any point leaves the last
 good checkpoint as it was. load_checkpoint falls back to the previous checkpoint when the newest one
 is missing, unreadable or damaged. CheckpointWriter does the copying to host memory on the caller's
-thread and all of the writing on a thread of its own.
+thread and all of the writing on a thread of its own. resume_checkpoint is --resume's check of a
+checkpoint against the run's settings; restore puts it back into the model, Adam and the scaler.
 """
 
 import errno
@@ -30,14 +31,16 @@ import io
 import os
 import pickle
 import secrets
+import sys
 import threading
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
-from pipeline.cli import first_line
-from pipeline.files import TMP_SUFFIX, atomic_write
+from common.cli import first_sentence
+from common.files import TMP_SUFFIX, atomic_write
 
 FORMAT = 2
 CHECKPOINT_TAG, WEIGHTS_TAG = b"vae-celeba checkpoint sha256=", b"vae-celeba weights sha256="
@@ -118,12 +121,7 @@ def _unpickle(data: bytes, path: Path):
         raise CheckpointError(f"{path} holds objects other than tensors and plain values; refused without "
                               f"loading them (unpickling such a file can run any code)") from None
     except Exception as exn:  # torch.load raises many types for damaged files; all mean "unreadable"
-        raise CheckpointError(f"{path} is unreadable ({_cause(exn)})") from None
-
-
-def _cause(exn: Exception) -> str:
-    """The first sentence of an exception, which is the part that says what is wrong."""
-    return first_line(exn).split(". ", 1)[0].rstrip(".")
+        raise CheckpointError(f"{path} is unreadable ({first_sentence(exn)})") from None
 
 
 def _read(path: Path) -> dict:
@@ -221,6 +219,16 @@ def rng_state(device) -> dict:
     device = torch.device(device)
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def all_rng_states(device, world_size: int) -> list[dict]:
+    """Every rank's random state, in rank order, on every rank (a collective: all ranks call it)."""
+    mine = rng_state(device)
+    if world_size == 1:
+        return [mine]
+    states = [None] * world_size
+    dist.all_gather_object(states, mine)
+    return states
 
 
 def checkpoint_state(model, optimizer, scaler, epoch: int, args: dict, world_size: int, rng: list[dict]) -> dict:
@@ -339,3 +347,30 @@ def restore_checkpoint(state: dict, model, optimizer, scaler, device, lr: float,
     else:
         torch.manual_seed(seed + rank)
     return state["epoch"]
+
+
+def resume_checkpoint(args, world_size: int, master: bool, weights: Path) -> Loaded | None:
+    """The checkpoint that --resume names, checked against this run's settings (`args`); None when the
+    run it belongs to is already complete (its `weights` written), which changes nothing."""
+    loaded = load_checkpoint(Path(args.resume))
+    state, source, note = loaded.state, loaded.source, loaded.note
+    if note and master:
+        print(note, file=sys.stderr)
+    done = state["epoch"]
+    if done >= args.epochs and weights.is_file():
+        if master:
+            print(f"{source} has finished epoch {done} and --epochs is {args.epochs}: the run is already complete; "
+                  f"nothing changed. Raise --epochs to train further")
+        return None
+    changes = setting_changes(state, settings_of(vars(args), world_size))
+    if "z_dim" in changes:
+        raise CheckpointError(f"--resume: {changes['z_dim']}: the weights have another shape, which even "
+                              f"--resume-force cannot change; resume with --z-dim {state['args']['z_dim']}")
+    if changes and not args.resume_force:
+        raise CheckpointError("\n".join([f"--resume: {source} was trained with other settings, which change the "
+                                         "result:", *(f"  {line}" for line in changes.values()),
+                                         "use the checkpoint's settings, or add --resume-force to carry on "
+                                         "with these"]))
+    if changes and master:
+        print("\n".join(f"--resume-force: {line}" for line in changes.values()), file=sys.stderr)
+    return loaded

@@ -9,10 +9,14 @@ whose output names are taken by files no marker lists is refused, with or withou
 
 The marker is read as untrusted data: every name in it must be a plain file name that train.py
 writes (no separator, no `..`), or the folder is refused. The lock is `fcntl.flock` on the folder
-itself, held until the run ends (pipeline/files.py's `lock_folder`, which prep/shard.py takes too):
-no lock file to plant, link or leave behind, and the kernel drops it when the process ends. Imports nothing heavy.
+itself, held until the run ends (common/files.py's `lock_folder`, which prep/shard.py takes too): no
+lock file to plant, link or leave behind, and the kernel drops it when the process ends, however it ends.
+
+Before anything is read or written, check_output_dir says whether a run may use the folder; right
+before the first epoch, prepare_output_dir creates, locks and marks it.
 """
 
+import glob
 import json
 import os
 import re
@@ -21,8 +25,10 @@ import time
 import weakref
 from pathlib import Path
 
-from pipeline.cli import first_line
-from pipeline.files import TMP_SUFFIX, FolderBusy, atomic_write, lock_folder
+from common.cli import first_line, unwritable
+from common.files import TMP_SUFFIX, FolderBusy, atomic_write, lock_folder, plain_name
+from model import quality
+from run.checkpoint import previous
 
 # The names train.py writes into --output-dir (model/quality.py names the end-of-training figures' files).
 CHECKPOINT, WEIGHTS, METRICS = "checkpoint.pt", "vae_celeba.pth", "metrics.jsonl"
@@ -34,16 +40,18 @@ TB = "tb"
 PROGRAM = "train.py"  # the marker's "program": a run.json of another tool is not a previous run of this one
 TB_EVENTS = re.compile(r"^events\.out\.tfevents\.[A-Za-z0-9_.-]+$")  # what torch's SummaryWriter names its files
 MAX_MARKER_BYTES = 1 << 20
+DAMAGED = f"{CHECKPOINT}.damaged"
+RUN_OUTPUTS = (CHECKPOINT, previous(Path(CHECKPOINT)).name, METRICS, CURVES, WEIGHTS, SAMPLES, INTERPOLATIONS,
+               *quality.outputs(WEIGHTS))  # listed in run.json when a run starts; EPOCH_PICTURE's as written
 
 
 class RunDirError(RuntimeError):
     """An output folder that cannot be used as asked, with what to do about it; printed in one line."""
 
 
-def plain_name(name) -> bool:
-    """A file name inside the folder: no separator, no `..`, nothing that leads elsewhere."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and "\0" not in name)
+def is_output(name: str) -> bool:
+    """Whether train.py writes a file of this name into --output-dir (run.json and tb/ apart)."""
+    return name in RUN_OUTPUTS or name == DAMAGED or bool(EPOCH_PICTURE.match(name))
 
 
 def read_marker(folder: Path, is_output) -> dict | None:
@@ -163,7 +171,7 @@ class RunDir:
     def remove_outputs(self) -> None:
         """--overwrite: deletes what the marker lists (files only, never a folder it did not create)."""
         for name in sorted(self.files):
-            for path in [self.folder / name, *self.folder.glob(f".{glob_escape(name)}.*{TMP_SUFFIX}")]:
+            for path in [self.folder / name, *self.folder.glob(f".{glob.escape(name)}.*{TMP_SUFFIX}")]:
                 if path.is_symlink() or path.is_file():
                     path.unlink()
         tb = self.folder / TB
@@ -178,5 +186,52 @@ class RunDir:
         self.write()
 
 
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
+
+def check_output_dir(args) -> dict | None:
+    """Before anything is read or written: the folder can be written into, no other train.py uses it,
+    no file that this project did not write holds one of its output names, and it holds no run that
+    this one would overwrite or mix with. Returns the marker of the run it holds (None when none)."""
+    out_dir = Path(args.output_dir)
+    problem = unwritable(out_dir)
+    if problem:
+        raise RunDirError(f"--output-dir {out_dir}: {problem}; choose another folder")
+    check_not_locked(out_dir)
+    marker = read_marker(out_dir, is_output)
+    foreign = foreign_outputs(out_dir, marker, is_output, args.tensorboard)
+    if foreign:
+        raise RunDirError(f"{out_dir} holds {', '.join(foreign)}, which no {MARKER} there lists as written "
+                          f"by train.py (another program's files, or an older train.py's): train.py neither "
+                          f"replaces nor deletes them, even with --overwrite; move them away, or choose another "
+                          f"--output-dir")
+    if marker is None or args.overwrite:
+        return marker
+    found = [name for name in sorted(marker["files"]) if (out_dir / name).exists()] or [MARKER]
+    if not args.resume:
+        raise RunDirError(f"{out_dir} holds a previous run ({', '.join(found)}): add --resume to continue it, "
+                          f"--overwrite to start over and delete it, or choose another --output-dir")
+    own = [name for name in (CHECKPOINT, previous(Path(CHECKPOINT)).name) if (out_dir / name).exists()]
+    if Path(args.resume).resolve().parent != out_dir.resolve() and own:
+        raise RunDirError(f"{out_dir} holds another run ({', '.join(found)}) than the one --resume {args.resume} "
+                          f"continues; choose another --output-dir")
+    return marker
+
+
+def prepare_output_dir(args, settings: dict, marker: dict | None, damaged: Path | None) -> RunDir:
+    """Right before the first epoch, once every flag and path has been checked: creates and locks the
+    folder, marks it as this run's (with `settings`), deletes what the previous run's marker lists
+    (--overwrite), and sets aside the newest checkpoint when loading found it damaged (only inside
+    --output-dir)."""
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunDir(out_dir)
+    if read_marker(out_dir, is_output) != marker:
+        raise RunDirError(f"{out_dir / MARKER} changed while this run was starting (another train.py?); "
+                          f"run the same command again")
+    folder.start(settings, marker)
+    if args.overwrite:
+        folder.remove_outputs()
+    folder.claim(*RUN_OUTPUTS)
+    if damaged is not None and damaged.name == CHECKPOINT and damaged.parent.resolve() == out_dir.resolve():
+        folder.claim(DAMAGED)
+        os.replace(damaged, out_dir / DAMAGED)  # else the next save would keep it as the previous checkpoint
+    return folder

@@ -1,4 +1,5 @@
-"""One way to write a file that a crash, a full disk or a planted link cannot leave half-written.
+"""One way to write a file that a crash, a full disk or a planted link cannot leave half-written, and
+one check that a name read from a file names a file inside its folder.
 
     atomic_write(out_dir / "metrics.jsonl", text.encode())        # bytes
     atomic_write(out_dir / "curves.png", lambda f: fig.savefig(f, format="png"))  # or a writer
@@ -23,6 +24,14 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 TMP_SUFFIX = ".tmp"  # every temporary file this project writes ends so; a name of its own, never the target's
+
+
+def plain_name(name) -> bool:
+    """Whether `name` is a plain file name, which can only mean a file inside the folder it is joined to:
+    no path separator, not `.` or `..`, no URL scheme or drive (`pipe:`, `http:`, `C:`), no NUL, no
+    leading dash (an option to a command)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not name.startswith("-")
+            and not any(c in name for c in "/\\:\0"))
 
 
 def fsync_folder(folder) -> None:
