@@ -208,7 +208,7 @@ def test_the_carried_wheels_are_the_versions_the_suite_runs():
     from importlib.metadata import version
     pins = [line.split("==") for line in (ROOT / "benchmarks" / "wheels.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
-    assert {name for name, _ in pins} == {"webdataset", "braceexpand", "simplejpeg", "torchcodec"}
+    assert {name for name, _ in pins} == {"webdataset", "braceexpand", "simplejpeg", "torchcodec", "POT"}
     assert {name: version(name) for name, _ in pins} == dict(pins)
 
 
