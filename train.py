@@ -41,7 +41,7 @@ from pipeline import CROPS, DALI_INSTALL, LOADERS, DataError, build_loader, defa
 from pipeline.cache import CACHE_MODES, MEMORY_FRACTION, plan as plan_cache
 from pipeline.cache_file import DISK_RESERVE, FILE_MODES
 from pipeline.geometry import CROP_SIDE
-from pipeline.shards import split_shards
+from pipeline.shards import data_identity, split_shards
 from run.checkpoint import SETTINGS, CheckpointError, all_rng_states, previous, restore_checkpoint, resume_checkpoint
 from run.folder import (CHECKPOINT, CURVES, MARKER, RECONSTRUCTIONS, TB, WEIGHTS, RunDirError, check_output_dir,
                         prepare_output_dir)
@@ -297,6 +297,8 @@ def main(args):
         if world_size > 1:
             dist.destroy_process_group()
         return 0
+    if not args.resume:  # resume_checkpoint has set and compared a resumed run's
+        args.data = data_identity(args.data_path)  # which shards these are: saved with the run, checked by --resume
     seed_everything(args.seed)
     describe_setup(args, device, rank, world_size, amp_why, compile_why)
     train_loader, val_loader, preview, cached = build_data(args, device, rank, world_size, resumed)

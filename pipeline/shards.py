@@ -6,6 +6,7 @@ Training gives every rank the same count (DDP needs equal step counts, so up to 
 samples rest out an epoch); evaluation gives every sample to exactly one rank.
 """
 
+import hashlib
 import json
 import os
 import random
@@ -86,6 +87,18 @@ def load_manifest(data_path) -> dict:
         raise DataError(f"{path}: {problem}, so these are not shards prep/shard.py wrote and nothing in the folder "
                         f"is read; {make_again_hint(data_path, overwrite=True)}")
     return manifest
+
+
+def data_identity(data_path) -> str:
+    """What the shards in `data_path` are, as a run records it and --resume compares it: the plan digest
+    that prep/shard.py writes into the manifest (the source JPEGs' names, sizes and times, the split and
+    the options), so that the same shards copied, moved or repaired are the same data; for a manifest
+    without one, the SHA-256 of its split tables (every shard's name, count and digest)."""
+    manifest = load_manifest(data_path)
+    plan = manifest.get("plan")
+    if isinstance(plan, str) and plan:
+        return plan
+    return "splits-" + hashlib.sha256(json.dumps(manifest["splits"], sort_keys=True).encode()).hexdigest()
 
 
 def manifest_problem(manifest) -> str | None:

@@ -190,7 +190,14 @@ class RunDir:
 def check_output_dir(args) -> dict | None:
     """Before anything is read or written: the folder can be written into, no other train.py uses it,
     no file that this project did not write holds one of its output names, and it holds no run that
-    this one would overwrite or mix with. Returns the marker of the run it holds (None when none)."""
+    this one would overwrite or mix with. Returns the marker of the run it holds (None when none).
+
+    An --output-dir that is a symbolic link to a folder (scratch space linked into a home folder) is
+    followed here, once: from then on args.output_dir is the folder's real path, which the run locks,
+    marks and writes into, whatever the link is changed to meanwhile. The command lines it prints keep
+    the path as typed."""
+    if Path(args.output_dir).is_symlink() and Path(args.output_dir).is_dir():
+        args.output_dir = os.path.realpath(args.output_dir)
     out_dir = Path(args.output_dir)
     problem = unwritable(out_dir)
     if problem:

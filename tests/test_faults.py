@@ -29,9 +29,11 @@ from PIL import Image
 
 import generate
 import train
-from conftest import copy_shards
+from conftest import copy_shards, make_shards
+from pipeline.shards import data_identity
 from run import checkpoint
-from run.folder import RUN_OUTPUTS
+from run.folder import RUN_OUTPUTS, check_output_dir, prepare_output_dir
+from run.record import saved_args
 from prep import shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +194,72 @@ def test_resuming_a_complete_run_changes_nothing(tiny, run_dir, capsys, epochs):
     assert train_run(tiny, run_dir, "--epochs", epochs, "--resume") == 0
     assert "already complete; nothing changed" in capsys.readouterr().out
     assert snapshot(run_dir) == before
+
+
+EDITS = {  # a checkpoint edited and signed again: field -> how, and what the one line names
+    "a weight of the wrong shape": (lambda s: s["model"].__setitem__("encoder.0.weight", torch.zeros(3, 3)),
+                                    "model['encoder.0.weight'] is a torch.float32 tensor of shape (3, 3)"),
+    "a random state of the wrong type": (lambda s: s["rng"][0].__setitem__("torch", [1, 2, 3]), "rng[0]['torch']"),
+    "a missing field": (lambda s: s.pop("scaler"), "it has no field 'scaler'"),
+    "Adam's state of another shape": (lambda s: s["optimizer"]["state"][0].__setitem__("exp_avg", torch.zeros(5)),
+                                      "optimizer['state'][0]['exp_avg']"),
+    "Adam's groups for other weights": (lambda s: s["optimizer"]["param_groups"][0].__setitem__("params", [0, 1]),
+                                        "optimizer['param_groups'] list the parameters [0, 1]"),
+    "a negative epoch": (lambda s: s.__setitem__("epoch", -5), "'epoch' is -5"),
+    "an epoch beyond its --epochs": (lambda s: s.__setitem__("epoch", 99), "'epoch' is 99"),
+    "a setting of the wrong type": (lambda s: s["args"].__setitem__("z_dim", "128"), "args['z_dim'] is '128'"),
+}
+
+
+def sign_edited(run_dir: Path, folder: Path, edit: str) -> Path:
+    """run_dir's checkpoint with one of EDITS made and its digest computed again, alone in `folder`."""
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    EDITS[edit][0](state)
+    edited = folder / "checkpoint.pt"
+    edited.parent.mkdir(parents=True, exist_ok=True)
+    edited.write_bytes(checkpoint.serialize(state))  # the digest is unkeyed: anyone can sign an edit
+    return edited
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_an_edited_checkpoint_with_a_valid_digest_is_refused_naming_the_field(run_dir, tmp_path, edit):
+    edited = sign_edited(run_dir, tmp_path / "edited", edit)  # no checkpoint.prev.pt beside it to fall back to
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        checkpoint.load_checkpoint(edited)
+    line = str(refused.value)
+    assert f"{edited} is not a checkpoint this train.py wrote: {EDITS[edit][1]}" in line and "\n" not in line
+    # Beside a good previous checkpoint, the edited newest one is set aside with a note that names the field.
+    shutil.copy(edited, run_dir / "checkpoint.pt")
+    loaded = checkpoint.load_checkpoint(run_dir / "checkpoint.pt")
+    assert loaded.source == run_dir / "checkpoint.prev.pt" and EDITS[edit][1] in loaded.note
+
+
+@pytest.mark.parametrize("edit", ["a weight of the wrong shape", "a negative epoch"])
+def test_train_refuses_an_edited_checkpoint_in_one_line(tiny, run_dir, tmp_path, capsys, edit):
+    # Before the check, the first was a traceback from load_state_dict and the second trained epochs -4 to 3.
+    edited = sign_edited(run_dir, tmp_path / "edited", edit)
+    assert train_run(tiny, tmp_path / "out", "--epochs", "3", "--resume", str(edited)) == 1
+    line = error_line(capsys.readouterr().err)
+    assert str(edited) in line and EDITS[edit][1] in line and "--overwrite" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.flag_effect("train.py", "--resume-force")
+def test_resuming_on_other_shards_is_refused_unless_forced(tiny, run_dir, tmp_path, capsys):
+    assert data_identity(copy_shards(tiny, tmp_path / "copy")) == data_identity(tiny)  # moved or copied: the same
+    other = make_shards(tiny.parent / "img_align_celeba", tmp_path / "other", 8)  # the same faces, other shards
+    before = snapshot(run_dir)
+    assert train_run(other, run_dir, "--epochs", "3", "--resume") == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: --resume: ")
+    assert [line for line in err.splitlines() if line.startswith("  ")] == [
+        f"  --data-path {other} (shards {data_identity(other)[:12]}) now, --data-path {tiny} "
+        f"(shards {data_identity(tiny)[:12]}) in the checkpoint"]
+    assert "--resume-force" in err.splitlines()[-1] and snapshot(run_dir) == before
+    assert train_run(other, run_dir, "--epochs", "3", "--resume", "--resume-force") == 0
+    assert "--resume-force: --data-path" in capsys.readouterr().err
+    state = torch.load(run_dir / "checkpoint.pt")
+    assert state["epoch"] == 3 and state["args"]["data"] == data_identity(other)
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -440,6 +508,27 @@ def test_a_second_run_in_the_same_folder_stops_naming_the_first(tiny, tmp_path, 
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=120)
     assert first.returncode == 130 and "Traceback" not in err
+
+
+def test_an_output_dir_linked_to_a_folder_is_followed_once(tiny, run_dir, reference, tmp_path, capsys):
+    # A new run: checked, locked and marked in the folder the link names, by its real path.
+    scratch, fresh = tmp_path / "scratch", tmp_path / "fresh"
+    scratch.mkdir()
+    fresh.symlink_to(scratch, target_is_directory=True)
+    args = train.parse_args(run_args(tiny, fresh, "--epochs", "1"))
+    assert check_output_dir(args) is None and args.output_dir == str(scratch.resolve())
+    prepare_output_dir(args, saved_args(args), None, None).close()
+    assert (scratch / "run.json").is_file() and fresh.is_symlink()
+    # A run resumed through a link goes on in the real folder.
+    linked = tmp_path / "linked"
+    linked.symlink_to(run_dir, target_is_directory=True)
+    assert train_run(tiny, linked, "--epochs", "3", "--resume") == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert linked.is_symlink() and same_weights(run_dir, reference)
+    assert json.loads((run_dir / "run.json").read_text())["settings"]["output_dir"] == str(run_dir.resolve())
+    # generate.py reads weights from a linked folder and writes into one.
+    assert generate.run(["--weights", str(linked / "vae_celeba.pth"), "--out", str(fresh / "samples.png")]) == 0
+    assert (scratch / "samples.png").is_file()
 
 
 def test_a_link_planted_at_a_temporary_name_is_not_followed(tiny, tmp_path, monkeypatch):

@@ -98,10 +98,18 @@ def test_the_next_command_is_made_from_the_flags_as_parsed(tmp_path):
     stopped run prints keeps the others, in the order given, and replaces the ones it changes."""
     out = tmp_path / "out"
     args = train.parse_args(["--data-path", "shards", "-b", "8", "--output-dir", str(out), "--overw", "--no-flip",
-                             "--lr", "1e-3"])
+                             "--lr", "1e-3", "--epo", "2"])
     assert rerun(args, start_over=True) == shlex.join(["python", "train.py", "--data-path", "shards", "--batch-size",
                                                        "8", "--output-dir", str(out), "--no-flip", "--lr", "0.001",
-                                                       "--overwrite"])
-    assert rerun(args, out / "checkpoint.pt", extra=("--resume-force", "--lr", "0.0001")) == shlex.join(
+                                                       "--epochs", "2", "--overwrite"])
+    resume = rerun(args, out / "checkpoint.pt", extra=("--resume-force", "--lr", "0.0001"))
+    assert resume == shlex.join(
         ["python", "train.py", "--data-path", "shards", "--batch-size", "8", "--output-dir", str(out), "--no-flip",
-         "--resume", "--resume-force", "--lr", "0.0001"])
+         "--epochs", "2", "--resume", "--resume-force", "--lr", "0.0001"])
+    # Both commands parse back into this run's settings, with --overwrite or --resume as they say.
+    for command, changed in ((rerun(args, start_over=True), {}),
+                             (resume, {"overwrite": False, "resume": str(out / "checkpoint.pt"), "resume_force": True,
+                                       "lr": 1e-4})):
+        again = vars(train.parse_args(shlex.split(command)[2:]))
+        assert {k: v for k, v in again.items() if k != "given"} == {
+            **{k: v for k, v in vars(args).items() if k != "given"}, **changed}
