@@ -59,7 +59,7 @@ from benchmarks import report  # noqa: E402
 from model import figures  # noqa: E402
 from model.step import resolve_amp, resolve_compile  # noqa: E402
 from pipeline.cache import Cache, CachedLoader  # noqa: E402
-from prep.shard import CELEBA_SPLIT  # noqa: E402
+from common.celeba import CELEBA_SPLIT  # noqa: E402
 from run import record  # noqa: E402
 from run.folder import METRICS  # noqa: E402
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from common.celeba import CELEBA_SPLIT  # noqa: E402
 from common.files import atomic_write  # noqa: E402
 
 EPOCHS = 40  # the seed's run
@@ -76,7 +77,6 @@ def project(run: dict, sizes: dict[str, int] | None = None, epochs: int = EPOCHS
     split's other images at the rate measured after that batch; a loaded fill (the decoded file) and the
     file's write scale with the images."""
     if sizes is None:
-        from prep.shard import CELEBA_SPLIT
         sizes = CELEBA_SPLIT
     rows = run["epochs"]
     if not rows:

@@ -33,6 +33,7 @@ from benchmarks import report  # noqa: E402
 from model import VariationalAutoEncoder  # noqa: E402
 from model.step import TrainStep, make_optimizer, resolve_amp, resolve_compile  # noqa: E402
 from pipeline import build_loader  # noqa: E402
+from pipeline.torch_loader import decode_resized_batch, gpu_decode, jpeg_decoder  # noqa: E402
 
 CUDA_BOUND = 1.0  # mean absolute difference, 0..255: tests/test_cuda.py says where it comes from
 
@@ -78,7 +79,6 @@ def versions(args) -> dict:
 
 
 def decoder(args) -> dict:
-    from pipeline.torch_loader import jpeg_decoder
     name, _ = jpeg_decoder(args.device)
     return {"name": name, "fallback": name != "torchcodec"}
 
@@ -123,7 +123,6 @@ def step(args, state) -> dict:
 
 
 def decode(args) -> dict:
-    from pipeline.torch_loader import decode_resized_batch, gpu_decode
     files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))[:args.decode]
     if not files:
         raise RuntimeError(f"no JPEGs in {args.images}")

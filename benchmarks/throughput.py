@@ -48,21 +48,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+import PIL  # noqa: E402
+import simplejpeg  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
+import webdataset  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from common import cli  # noqa: E402
+from common.celeba import CELEBA_SPLIT  # noqa: E402
+from common.files import atomic_write  # noqa: E402
 from model import CLAMP_EPS, VariationalAutoEncoder  # noqa: E402
 from model.step import TrainStep, make_optimizer, resolve_amp, resolve_compile  # noqa: E402
-from common import cli  # noqa: E402
 from pipeline import DALI_INSTALL, build_loader, default_workers  # noqa: E402
-from common.files import atomic_write  # noqa: E402
+from prep import shard  # noqa: E402
+from prep.synthetic import write_synthetic  # noqa: E402
 
-CELEBA_TRAIN = 162_770
+CELEBA_TRAIN = CELEBA_SPLIT["train"]
 EPOCHS = 40
 LOADER_NAMES = ("seed", "torch", "torch-cpu-decode", "dali", "cache")
 
@@ -201,10 +207,8 @@ def forever(loader):
 # ----------------------------------------------------------------------------- data
 def prepare_images(args, tmp: Path):
     """(JPEG folder, shard folder, description): the same images for every loader."""
-    from prep import shard
     quiet = contextlib.redirect_stdout(io.StringIO())
     if args.images is None:
-        from prep.synthetic import write_synthetic
         folder = tmp / "img_align_celeba"
         write_synthetic(folder, args.synthetic, seed=0, workers=os.cpu_count(), progress=True)
         source = f"{args.synthetic} synthetic faces (prep/synthetic.py, seed 0)"
@@ -382,13 +386,10 @@ def write_json(path, results):
 
 def environment(args, source, num_images):
     try:
-        import nvidia.dali
+        import nvidia.dali  # here: DALI is optional and heavy; the version is all this needs
         dali = nvidia.dali.__version__
     except ImportError:
         dali = None
-    import PIL
-    import simplejpeg
-    import webdataset
     cpu = platform.processor()
     with contextlib.suppress(OSError):
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)

@@ -44,6 +44,7 @@ import webdataset as wds  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from common import cli  # noqa: E402
+from common.celeba import CELEBA_SPLIT  # noqa: E402
 from common.files import atomic_write, temporary_beside  # noqa: E402
 from pipeline.attributes import (ATTRIBUTES, CELEBA_ATTRIBUTES_FILE, AttributeFileError, file_digest,  # noqa: E402
                                  format_attributes, parse_attributes)
@@ -52,7 +53,6 @@ from pipeline.images import DEFAULT_QUALITY, TooManyPixels, stored_form  # noqa:
 from pipeline.shards import MANIFEST, MAX_MANIFEST_BYTES, SPLITS, manifest_problem, shard_command  # noqa: E402
 from prep.synthetic import write_synthetic  # noqa: E402
 
-CELEBA_SPLIT = {"train": 162_770, "val": 19_867, "test": 19_962}  # official partition sizes
 PARTITION_FILE = "list_eval_partition.txt"
 JOURNAL = ".journal.jsonl"
 DALI_INDEX_VERSION = "v1.2"

@@ -25,13 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_benchmark_reports_every_row(tmp_path):
     out = tmp_path / "results.json"
     result = subprocess.run(
-        [sys.executable, "benchmarks/throughput.py", "--quick", "--synthetic", "400", "--batch-size", "16",
+        [sys.executable, "benchmarks/throughput.py", "--quick", "--synthetic", "96", "--batch-size", "16",
          "--workers", "1", "--steps", "1", "--repeats", "2", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
     env = results["env"]
-    assert env["device"] == "cpu" and env["batch_size"] == 16 and env["num_images"] == 400
+    assert env["device"] == "cpu" and env["batch_size"] == 16 and env["num_images"] == 96
     assert env["torch"] and env["dali"] and env["cores"] >= 1
 
     def check(section, names):
