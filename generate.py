@@ -264,7 +264,7 @@ def main(args) -> list[Path]:
         row = evaluate(model, args, device)
         metrics = MetricsFile(args.weights.parent / METRICS)
         metrics.append(row)
-        print(" | ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)))
+        print(" | ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
         return [metrics.path]
     if args.mode == "reconstruct":
         x = read_images(image_files(args.reconstruct, args.limit), args.crop, device)
