@@ -3,7 +3,7 @@
 
     figures, written = assess(model, weights, seed=0, batch_size=128, to_input=step.to_input,
                               train=train_batches, attributes=(names, table), real=val_images,
-                              pictures=out_dir, start=preview[:1])
+                              fid_reals=reals, pictures=out_dir, start=preview[:1])
 
 With `train`, batches of (images, keys) of the training split: the ex-post GMM of their posterior means
 beside the weights, and with `attributes` the attribute vectors beside it too. With `real`, uint8
