@@ -8,9 +8,9 @@ and pipeline/fid_stats.py's).
     network = fid_plan.network(args.fid_weights, device, asked=bool(args.fid))
     reals, line = fid_plan.reals(network, images, keys, data_path, crop, decoder)
 
---fid N compares N generated images of each set with the first N validation images (all of them when
-the split has fewer). Without it: on CUDA, the whole split up to CUDA_IMAGES; on the CPU, off, since
-the network runs at about 3 images/s on 2 cores (benchmarks/RESULTS.md). The network's file is checked
+--fid N compares N generated images of each set with the first N validation images (N is the split's
+size when it has fewer). Without it: on CUDA, the whole split up to CUDA_IMAGES; on the CPU, off, since
+the network runs at 3 to 10 images/s on 2 cores (benchmarks/RESULTS.md). The network's file is checked
 (size and SHA-256, model/fid.py) before any work when --fid N or --fid-weights is given; the default on
 CUDA without the packaged file says so in one line and goes on without FID.
 """
@@ -26,7 +26,7 @@ from model import fid
 from pipeline import fid_stats
 
 CUDA_IMAGES = 20_000  # the default N on CUDA, capped by the validation split (CelebA's has 19,867)
-CPU_SUGGESTION = 64  # --help's example for the CPU: 4 sets of 64 (reals, prior, GMM, reconstructions) ~1.5 min on 2 cores
+CPU_SUGGESTION = 64  # --help's example for the CPU: 4 sets of 64 (reals, prior, GMM, reconstructions), 1-2 min on 2 cores
 
 
 def fid_count(text: str) -> int:
@@ -43,7 +43,7 @@ def add_flags(p: argparse.ArgumentParser, mode: str = "") -> None:
                    help=f"{mode}FID and KID of N prior samples, N GMM samples and the reconstructions of the first N "
                         f"validation images against those images (fid_*, kid_*, fid_images in metrics.jsonl); 0: off. "
                         f"None: on CUDA the whole validation split up to {CUDA_IMAGES:,}, on the CPU off (the network "
-                        f"runs at ~3 images/s on 2 cores: --fid {CPU_SUGGESTION} takes ~1.5 min, 500 ~12 min). Needs "
+                        f"runs at 3-10 images/s on 2 cores: --fid {CPU_SUGGESTION} takes 1-2 min, 500 5-15 min). Needs "
                         f"the FID Inception network, never downloaded: {fid.INSTALL}")
     p.add_argument("--fid-weights", type=Path, default=None, metavar="PATH",
                    help=f"{mode}the FID Inception network's file ({fid.FILE_NAME}, SHA-256 {fid.SHA256[:12]}...) "
