@@ -365,8 +365,9 @@ def test_train_with_fid_n_writes_fid_and_kid_into_the_last_row(tiny, tmp_path, m
     networks = []
     monkeypatch.setattr(fid, "load_network", lambda path=None, device="cpu": networks.append(path) or PooledColours())
     out = tmp_path / "run"
+    # The resident cache: the reals' file names the loader that filled it (generate.py's test: a loader's own)
     assert train.main(train.parse_args(["--data-path", str(tiny), "--output-dir", str(out), "--batch-size", "8",
-                                        "--workers", "1", "--epochs", "1", "--cache", "off", "--no-compile",
+                                        "--workers", "1", "--epochs", "1", "--cache", "on", "--no-compile",
                                         "--fid", "4"])) == 0
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     n = len(split_keys(tiny, "val"))  # 3: --fid 4 takes the whole split when it has fewer
@@ -374,7 +375,8 @@ def test_train_with_fid_n_writes_fid_and_kid_into_the_last_row(tiny, tmp_path, m
     for name in SETS:
         assert last[f"fid_{name}"] > 0 and f"kid_{name}" in last and last[f"kid_std_{name}"] >= 0
     assert (tiny / fid_stats.file_name("val", "center", n)).is_file()  # the reals' statistics, beside the shards
-    assert "FID statistics of val computed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "cached val:" in printed and "FID statistics of val computed" in printed
 
 
 @needs_network
