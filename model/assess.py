@@ -40,8 +40,8 @@ def first_images(batches, n: int, keys: bool = False):
 
 @torch.no_grad()
 def assess(model, weights: Path, *, seed: int, batch_size: int, to_input, autocast=contextlib.nullcontext,
-           train=None, attributes=None, real=None, fid_reals: fid.Reals | None = None, pictures: Path | None = None,
-           start=None) -> tuple[dict, list[Path]]:
+           train=None, attributes=None, real=None, fid_reals: fid.Reals | None = None,
+           pictures: Path | None = None, start=None) -> tuple[dict, list[Path]]:
     """The figures (metrics.jsonl fields) and the files written, as the module docstring says."""
     device = next(model.parameters()).device
     record, written, gmm = {}, [], None
@@ -62,6 +62,7 @@ def assess(model, weights: Path, *, seed: int, batch_size: int, to_input, autoca
             grid_z = quality.draw_latents(64, model.z_dim, torch.Generator().manual_seed(seed), gmm=gmm)
             written.append(pictures / quality.GMM_SAMPLES)
             figures.save_png(make_grid(decode(grid_z), nrow=8), written[-1])
+
     def generated(images, mu=None) -> dict:
         """uint8 prior samples, GMM samples (with a GMM) and reconstructions, as many as `images`: the same
         latents for the same seed and count."""

@@ -26,7 +26,7 @@ from model import fid
 from pipeline import fid_stats
 
 CUDA_IMAGES = 20_000  # the default N on CUDA, capped by the validation split (CelebA's has 19,867)
-CPU_SUGGESTION = 64  # --help's example for the CPU: 4 sets of 64 (reals, prior, GMM, reconstructions), 1-2 min on 2 cores
+CPU_SUGGESTION = 64  # --help's example for the CPU: 4 sets of 64 images, 1-2 min on 2 cores
 
 
 def fid_count(text: str) -> int:
