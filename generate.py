@@ -8,7 +8,7 @@ edits, and how good the samples are.
     python generate.py --interpolate a.jpg b.jpg --steps 10    # a row from a to b through z
     python generate.py --attribute Smiling --strength 1.5      # rows of faces from -1.5 to +1.5 along a vector
     python generate.py --fit-gmm output/old/vae_celeba.pth --data-path dataset/celeba/shards
-    python generate.py --evaluate --data-path dataset/celeba/shards [--fid]
+    python generate.py --evaluate --data-path dataset/celeba/shards [--fid 64]
 
 Needs only the weights file that train.py writes (OUTPUT_DIR/vae_celeba.pth); --sampler gmm and
 --attribute also read the files train.py (or --fit-gmm) writes beside it, vae_celeba.gmm.pt and
@@ -28,14 +28,16 @@ from torchvision.utils import make_grid, save_image
 
 from common import cli
 from common.files import atomic_write, read_regular
-from model import VariationalAutoEncoder, figures, quality
+from model import VariationalAutoEncoder, fid, figures, quality
 from model.assess import assess, first_images
 from pipeline import build_loader
 from pipeline.attributes import AttributeFileError, shard_attributes
+from pipeline.cache_file import decoder_of
 from pipeline.geometry import CROPS
 from pipeline.images import DEFAULT_QUALITY, TooManyPixels, stored_form
 from pipeline.shards import DataError, load_manifest
 from pipeline.torch_loader import decode_resized
+from run import fid_plan
 from run.checkpoint import CheckpointError, load_weights
 from run.folder import METRICS
 from run.record import MetricsFile
@@ -51,7 +53,7 @@ MODE_FLAGS = {
     "interpolate": {"steps", "crop", "out"},
     "attribute": {"strength", "steps", "rows", "temperature", "seed", "sampler", "out"},
     "fit_gmm": {"data_path", "crop", "seed"},
-    "evaluate": {"data_path", "crop", "seed", "images", "fid", "inception_weights"},
+    "evaluate": {"data_path", "crop", "seed", "images", "fid", "fid_weights"},
 }
 STEPS = {"interpolate": figures.INTERPOLATION_STEPS, "attribute": quality.ATTRIBUTE_STEPS}
 
@@ -83,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "wrote them")
     mode.add_argument("--evaluate", action="store_true",
                       help="the SWD of prior samples, GMM samples (when the GMM is there) and reconstructions "
-                           "against --data-path's validation images, appended to metrics.jsonl beside the weights")
+                           "against --data-path's validation images (and FID and KID: --fid), appended to "
+                           "metrics.jsonl beside the weights")
     p.add_argument("--sampler", choices=("prior", "gmm"), default="prior",
                    help="--samples, --attribute: z from N(0, I), or from the ex-post GMM beside the weights")
     p.add_argument("--temperature", type=cli.nonnegative_float, default=1.0, metavar="T",
@@ -102,11 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "prep/shard.py")
     p.add_argument("--images", type=cli.int_at_least(2), default=quality.SWD_IMAGES,
                    help="--evaluate: at most this many validation images, and as many generated ones per set")
-    p.add_argument("--fid", action="store_true", help="--evaluate: FID and KID too, through torchmetrics with "
-                   "torch-fidelity's Inception v3 (weights from --inception-weights or torch's hub cache; never "
-                   "downloaded)")
-    p.add_argument("--inception-weights", type=Path, default=None, help="--evaluate --fid: the Inception weights "
-                   f"file ({quality.INCEPTION_URL.rsplit('/', 1)[1]}); None: torch's hub cache")
+    fid_plan.add_flags(p, "--evaluate: ")
     p.add_argument("--out", type=cli.image_path, default=None,
                    help=f"the picture to write ({', '.join(cli.IMAGE_SUFFIXES)}); None: "
                         f"{', '.join(f'{v} for --{k}' for k, v in DEFAULT_OUT.items())}")
@@ -237,23 +236,27 @@ def fit_gmm(model, args, device) -> list[Path]:
 
 
 def evaluate(model, args, device) -> dict:
-    """The SWD of each sampler and of reconstructions (and FID and KID with --fid) against the validation
-    images, as a metrics.jsonl row."""
-    feature = None
-    if args.fid:  # before any work: the weights are there, or one line says how to get them
-        inception = quality.inception_file(args.inception_weights)
-        if inception is None:
-            raise GenerateError(quality.missing_inception_message())
-        feature = quality.inception_extractor(inception)
-    real = first_images(split_batches(args, "val", device), args.images)
-    found, _ = assess(model, args.weights, seed=args.seed, batch_size=64, to_input=to_input(device), real=real,
-                      feature=feature)
+    """The SWD of each sampler and of reconstructions (and FID and KID: --fid, by default on CUDA) against
+    the validation images, as a metrics.jsonl row."""
+    n_fid = fid_plan.images(args.fid, device)
+    network = fid_plan.network(args.fid_weights, device, asked=bool(args.fid)) if n_fid else None
+    batches = split_batches(args, "val", device, keys=True)
+    val, keys = first_images(batches, max(args.images, n_fid if network else 0), keys=True)
+    fid_reals = None
+    if network is not None:
+        fid_reals, line = fid_plan.reals(network, val[:n_fid], keys[:n_fid], args.data_path, args.crop,
+                                         decoder_of(batches)[1])
+        print(line)
+    found, _ = assess(model, args.weights, seed=args.seed, batch_size=64, to_input=to_input(device),
+                      real=val[:args.images], fid_reals=fid_reals)
     return {"kind": "evaluate", "weights": args.weights.name, **found}
 
 
 @torch.no_grad()
 def main(args) -> list[Path]:
     device = torch.device(args.device)
+    if args.mode == "evaluate":
+        fid_plan.check(args)  # the FID network's file, when asked for, before any work
     model = load_model(args.weights, args.z_dim, device)
     if args.mode == "fit_gmm":
         return fit_gmm(model, args, device)
@@ -261,7 +264,7 @@ def main(args) -> list[Path]:
         row = evaluate(model, args, device)
         metrics = MetricsFile(args.weights.parent / METRICS)
         metrics.append(row)
-        print(" | ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)))
+        print(" | ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
         return [metrics.path]
     if args.mode == "reconstruct":
         x = read_images(image_files(args.reconstruct, args.limit), args.crop, device)
@@ -292,7 +295,7 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     try:
         written = main(args)
-    except (GenerateError, quality.QualityError, AttributeFileError, DataError) as exn:
+    except (GenerateError, quality.QualityError, AttributeFileError, DataError, fid.FidError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 1
     print(f"wrote {', '.join(map(str, written))}")

@@ -11,8 +11,7 @@ pipeline/cache.py (the data resident in memory) and run/record.py (what the epoc
 The run around it (output folder, record, checkpoints, recovery) lives in run/. It writes into
 --output-dir: reconstructions_epoch{n}.png and curves.png (every --figures-every epochs and after the
 last, drawn on a background thread), generated_samples.png and interpolations.png (after training),
-vae_celeba.pth (a plain CPU state_dict that
-`VariationalAutoEncoder(z_dim=128).load_state_dict(torch.load(...))` takes), checkpoint.pt and
+vae_celeba.pth (a plain CPU state_dict for `VariationalAutoEncoder().load_state_dict(torch.load(...))`), checkpoint.pt and
 checkpoint.prev.pt (resumable: the newest and the one before, rotated after each epoch, or every
 --checkpoint-every epochs), metrics.jsonl (one line per epoch: the metrics and the training thread's
 seconds in each part of the epoch), run.json (the settings and the files the run wrote) and, with
@@ -36,12 +35,14 @@ from tqdm import tqdm
 
 from common import cli
 from model import BETA, VariationalAutoEncoder, VAELoss, figures, metrics, vae_loss
+from model.fid import FidError
 from model.step import TrainStep, choose_step, make_optimizer, resolve_amp, resolve_compile
 from pipeline import CROPS, DALI_INSTALL, LOADERS, DataError, build_loader, default_workers, split_size
 from pipeline.cache import CACHE_MODES, MEMORY_FRACTION, plan as plan_cache
 from pipeline.cache_file import DISK_RESERVE, FILE_MODES
 from pipeline.geometry import CROP_SIDE
 from pipeline.shards import data_identity, split_shards
+from run import fid_plan
 from run.checkpoint import SETTINGS, CheckpointError, all_rng_states, previous, restore_checkpoint, resume_checkpoint
 from run.folder import (CHECKPOINT, CURVES, MARKER, RECONSTRUCTIONS, TB, WEIGHTS, RunDirError, check_output_dir,
                         prepare_output_dir)
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", action="store_true", help=f"also write TensorBoard logs to OUTPUT_DIR/{TB}: "
                    f"training scalars every {LOG_EVERY} steps, validation figures and reconstructions each epoch "
                    "(pip install tensorboard)")
+    fid_plan.add_flags(p)
     return p
 
 
@@ -290,6 +292,7 @@ def main(args):
     amp, amp_why = resolve_amp(args.amp, device)
     use_compile, compile_why = resolve_compile(args.compile, device, amp)
     args.amp, args.compile = amp, use_compile  # saved and checked on --resume as resolved, not as "auto"
+    fid_plan.check(args)  # the FID network's file, when asked for, before any work
     marker = check_output_dir(args)  # creates nothing: a run that stops on a bad flag or path leaves no trace
     summary_writer = tensorboard_writer() if args.tensorboard else None
     resumed = resume_checkpoint(args, world_size, master, Path(args.output_dir) / WEIGHTS) if args.resume else None
@@ -379,7 +382,7 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     try:
         return main(args)
-    except (DataError, TrainingError, CheckpointError, RunDirError) as exn:
+    except (DataError, TrainingError, CheckpointError, RunDirError, FidError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 1
     except RuntimeError as exn:

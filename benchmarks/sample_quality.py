@@ -2,8 +2,8 @@
 
     python benchmarks/sample_quality.py --run output/demo --data-path dataset/synthetic/shards
 
-Prints one JSON object: the end-of-training SWD of N(0, I) samples, GMM samples and reconstructions
-(from the last metrics.jsonl row), the end-of-training work against the training time, and for each
+Prints one JSON object: the end-of-training SWD (and FID and KID, when the run had --fid) of N(0, I)
+samples, GMM samples and reconstructions (from the last metrics.jsonl row), the end-of-training work against the training time, and for each
 attribute vector a logistic probe on 16x16 pixels, trained on the training split's real images and
 labels, rating the -S and +S ends of --rows faces moved along the vector (z from N(0, I), --seed).
 """
@@ -36,6 +36,8 @@ def main(argv=None):
     epochs = [r for r in rows if "kind" not in r]
     last = epochs[-1]
     out = {k: last[k] for k in ("swd_prior", "swd_gmm", "swd_reconstructions", "swd_images", "swd_seed",
+                                "fid_prior", "fid_gmm", "fid_reconstructions", "kid_prior", "kid_gmm",
+                                "kid_reconstructions", "fid_images", "fid_seconds",
                                 "val_active_units_cov", "val_active_dims_kl", "quality_seconds") if k in last}
     out["training_seconds"] = sum(r["seconds"] for r in epochs)
     out["quality_share_of_training"] = last.get("quality_seconds", float("nan")) / out["training_seconds"]

@@ -3,39 +3,45 @@
 
     figures, written = assess(model, weights, seed=0, batch_size=128, to_input=step.to_input,
                               train=train_batches, attributes=(names, table), real=val_images,
-                              pictures=out_dir, start=preview[:1])
+                              fid_reals=reals, pictures=out_dir, start=preview[:1])
 
 With `train`, batches of (images, keys) of the training split: the ex-post GMM of their posterior means
 beside the weights, and with `attributes` the attribute vectors beside it too. With `real`, uint8
 validation images on the CPU: the SWD of prior samples, GMM samples (the GMM just fitted, or the one
 beside the weights when there is one) and reconstructions against them, active units by covariance and
-by KL, and FID and KID with `feature` (quality.inception_extractor's network). With `pictures`, a folder:
-the GMM's 64 faces (generated_samples_gmm.png) and, from the face `start`, attributes.png.
+by KL. With `fid_reals` (model/fid.py's Reals: the network, the first N validation images and their
+features), FID and KID of N prior samples, N GMM samples and the reconstructions of those N images
+against them. With `pictures`, a folder: the GMM's 64 faces (generated_samples_gmm.png) and, from the
+face `start`, attributes.png.
 """
 
 import contextlib
+import time
 from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid
 
-from model import figures, quality
+from model import fid, figures, quality
 
 
-def first_images(batches, n: int) -> torch.Tensor:
-    """The first `n` images of `batches` (or all, when fewer), uint8 on the CPU."""
-    real = []
-    for images in batches:
+def first_images(batches, n: int, keys: bool = False):
+    """The first `n` images of `batches` (or all, when fewer), uint8 on the CPU; with `keys`, batches are
+    (images, keys) and (images, keys) comes back."""
+    real, names = [], []
+    for batch in batches:
+        images, batch_keys = batch if keys else (batch, ())
         real.append(images.cpu().contiguous())
+        names += batch_keys
         if sum(map(len, real)) >= n:
             break
-    return torch.cat(real)[:n]
+    return (torch.cat(real)[:n], names[:n]) if keys else torch.cat(real)[:n]
 
 
 @torch.no_grad()
 def assess(model, weights: Path, *, seed: int, batch_size: int, to_input, autocast=contextlib.nullcontext,
-           train=None, attributes=None, real=None, feature=None, pictures: Path | None = None,
-           start=None) -> tuple[dict, list[Path]]:
+           train=None, attributes=None, real=None, fid_reals: fid.Reals | None = None,
+           pictures: Path | None = None, start=None) -> tuple[dict, list[Path]]:
     """The figures (metrics.jsonl fields) and the files written, as the module docstring says."""
     device = next(model.parameters()).device
     record, written, gmm = {}, [], None
@@ -56,23 +62,34 @@ def assess(model, weights: Path, *, seed: int, batch_size: int, to_input, autoca
             grid_z = quality.draw_latents(64, model.z_dim, torch.Generator().manual_seed(seed), gmm=gmm)
             written.append(pictures / quality.GMM_SAMPLES)
             figures.save_png(make_grid(decode(grid_z), nrow=8), written[-1])
-    if real is not None:
-        n = len(real)
-        mu, logvar = quality.encode_batches(model, real.split(batch_size), to_input, autocast)
+
+    def generated(images, mu=None) -> dict:
+        """uint8 prior samples, GMM samples (with a GMM) and reconstructions, as many as `images`: the same
+        latents for the same seed and count."""
+        n = len(images)
+        if mu is None:
+            mu = quality.encode_batches(model, images.split(batch_size), to_input, autocast)[0]
         z = {"prior": quality.draw_latents(n, model.z_dim, torch.Generator().manual_seed(seed))}
         if gmm is not None:
             z["gmm"] = quality.draw_latents(n, model.z_dim, torch.Generator().manual_seed(seed), gmm=gmm)
         z["reconstructions"] = mu
-        fakes = {k: quality.to_uint8(decode(v)) for k, v in z.items()}
+        return {k: quality.to_uint8(decode(v)) for k, v in z.items()}
+
+    if real is not None:
+        n = len(real)
+        mu, logvar = quality.encode_batches(model, real.split(batch_size), to_input, autocast)
+        fakes = generated(real, mu)
         distances = quality.swd(real, fakes, seed=seed)
         record.update({**{f"swd_{k}": sum(v) / len(v) for k, v in distances.items()},
                        "swd_levels": distances, "swd_images": n, "swd_real": "val", "swd_seed": seed,
                        "val_active_units_cov": quality.active_units(mu),
                        "val_active_dims_kl": quality.active_dims_kl(mu, logvar), "active_images": n})
-        if feature is not None:
-            for k, v in quality.fid_kid(real, fakes, feature).items():
-                record.update({f"{m}_{k}": x for m, x in v.items()})
-            record["fid_images"] = n
+        if fid_reals is not None:
+            clock = time.perf_counter()
+            # The SWD's sets when FID takes the same images; else as many of each as FID's real images.
+            same = len(fid_reals.images) == n and torch.equal(fid_reals.images, real)
+            record.update(fid_kid(fid_reals, fakes if same else generated(fid_reals.images), seed))
+            record["fid_seconds"] = time.perf_counter() - clock
     if train is not None and attributes is not None:
         names, table = attributes
         rows = [i for i, key in enumerate(train_keys) if key in table]
@@ -90,3 +107,16 @@ def assess(model, weights: Path, *, seed: int, batch_size: int, to_input, autoca
         record["attribute_names"] = vectors["names"]
     model.train()
     return record, written
+
+
+def fid_kid(reals: fid.Reals, fakes: dict[str, torch.Tensor], seed: int) -> dict:
+    """fid_{set}, kid_{set} and kid_std_{set} of each uint8 set in `fakes` against `reals` (model/fid.py's
+    scores), with fid_images, the images of each set, and fid_real_images, the real ones."""
+    device = next(reals.network.parameters()).device
+    real = reals.features.to(device)  # KID runs on the features' device (model/fid.py)
+    out = {}
+    for name, images in fakes.items():
+        scores = fid.scores(real, fid.features(reals.network, images, progress=True), reals.stats, seed=seed)
+        out.update({f"fid_{name}": scores["fid"], f"kid_{name}": scores["kid"], f"kid_std_{name}": scores["kid_std"]})
+        out["fid_images"], out["fid_real_images"] = scores["images"], scores["real_images"]
+    return out

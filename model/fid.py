@@ -39,6 +39,7 @@ import os
 import stat
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,15 @@ KID_WHOLE = 4096  # images per set up to which KID's kernels are computed once f
 
 class FidError(RuntimeError):
     """The network's file cannot be used, as one line for the user."""
+
+
+class Reals(NamedTuple):
+    """What FID and KID compare generated images with: the network, the real uint8 (N, 3, H, W) images on
+    the CPU (whose reconstructions are a generated set), their (N, 2048) features and (mean, covariance)."""
+    network: torch.nn.Module
+    images: torch.Tensor
+    features: torch.Tensor
+    stats: tuple[torch.Tensor, torch.Tensor]
 
 
 def packaged_file() -> Path | None:

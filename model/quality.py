@@ -9,8 +9,6 @@
   paper's SWD), a sample-quality figure that needs no pretrained network. The directions are POT's,
   and the distance along them is POT's `ot.sliced_wasserstein_distance` for equal-size sets, computed
   by sorting (sliced_w1; a test holds it to POT's own).
-- FID and KID through torchmetrics, with the Inception weights read from a local file or torch's
-  hub cache, never downloaded.
 - Attribute vectors (White 2016, "Sampling Generative Networks"): mean(z | attribute) - mean(z | not)
   over the training split's posterior means, from CelebA's list_attr_celeba.txt format.
 - Active units (Burda et al. 2016): latent dimensions whose posterior mean varies across images,
@@ -21,7 +19,6 @@ Everything here raises QualityError, one line for the user, for a file that is n
 
 import contextlib
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +29,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.mixture import GaussianMixture
 from torchvision.utils import make_grid
 
-from common.cli import first_line
 from common.files import atomic_write
 from model.metrics import ACTIVE_KL_NATS, kl_per_dim
 
@@ -52,10 +48,6 @@ SWD_PROJECTIONS = 512  # Karras et al.: 4 repeats of 128 directions
 SWD_IMAGES = 2048  # images per set at most (Karras et al. used 16,384; the demo's val split has ~500)
 SWD_SCALE = 1e3  # reported x 10^3, as in the paper
 ATTRIBUTE_STEPS, ATTRIBUTE_STRENGTH = 7, 1.0  # columns from -S to +S (0 in the middle); S in vector lengths
-# torch-fidelity's Inception v3, the network torchmetrics' FID and KID use; its file name in torch's hub cache.
-INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                 "weights-inception-2015-12-05-6726825d.pth")
-KID_SUBSET = 1000  # torchmetrics' default subset size, lowered to the image count when there are fewer
 
 
 class QualityError(RuntimeError):
@@ -265,79 +257,6 @@ def swd(real: torch.Tensor, fakes: dict[str, torch.Tensor], seed: int = 0) -> di
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Floats in [0, 1] to uint8 as save_image rounds them: what a saved PNG would hold, with no file between."""
     return x.float().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
-
-
-# ----------------------------------------------------------------------------- FID and KID
-
-
-def inception_file(path: str | Path | None = None) -> Path | None:
-    """The Inception weights: `path` if given (it must exist), else torch-fidelity's file in torch's hub
-    cache if present, else None. Never downloads."""
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise QualityError(f"--inception-weights {path}: no such file")
-        return path
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
-    return cached if cached.is_file() else None
-
-
-def missing_inception_message() -> str:
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
-    return (f"--fid needs torch-fidelity's Inception v3 weights, which are not downloaded at run time: fetch "
-            f"{INCEPTION_URL} to {cached} (torch's hub cache) or pass --inception-weights PATH")
-
-
-def inception_extractor(path: Path):
-    """torchmetrics' Inception v3 (2048-d pool features) with weights from `path`, read with
-    weights_only=True; torch-fidelity itself would unpickle the file, so it gets a copy of the tensors."""
-    try:
-        # here: torch-fidelity, which the Inception network needs, is the optional `fid` extra
-        from torchmetrics.image.fid import NoTrainInceptionV3
-    except ImportError as exn:
-        raise QualityError("--fid needs torchmetrics and torch-fidelity: pip install torchmetrics torch-fidelity") from exn
-    state = load_tensors(path, {})
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise QualityError(f"{path} is not a state_dict of tensors")
-    with tempfile.TemporaryDirectory() as folder:
-        safe = Path(folder) / "inception.pth"
-        torch.save(state, safe)  # only tensors, read with weights_only: safe for torch-fidelity to unpickle
-        try:
-            return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                      feature_extractor_weights_path=str(safe))
-        except (RuntimeError, KeyError) as exn:
-            raise QualityError(f"{path} does not hold torch-fidelity's Inception v3 weights "
-                               f"({first_line(exn)})") from None
-        except ModuleNotFoundError as exn:
-            raise QualityError(f"--fid: {exn}") from None
-
-
-@torch.no_grad()
-def fid_kid(real: torch.Tensor, fakes: dict[str, torch.Tensor], feature, batch: int = 100) -> dict:
-    """FID and KID (mean and deviation over subsets) of each set in `fakes` against `real`, all uint8
-    (N, 3, H, W), through torchmetrics with `feature`: its Inception network or any nn.Module that maps
-    uint8 images to (N, D) features. The real features are computed once."""
-    # here, as in inception_extractor: torchmetrics' FID and KID load torch-fidelity, the optional `fid` extra
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    subset = min(KID_SUBSET, len(real), *(len(f) for f in fakes.values()))
-    fid = FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=False,
-                                   input_img_size=tuple(real.shape[1:]))
-    kid = KernelInceptionDistance(feature=feature, reset_real_features=False, subset_size=subset, normalize=False)
-    for chunk in real.split(batch):
-        fid.update(chunk, real=True)
-        kid.update(chunk, real=True)
-    out = {}
-    for name, fake in fakes.items():
-        fid.reset()
-        kid.reset()
-        for chunk in fake.split(batch):
-            fid.update(chunk, real=False)
-            kid.update(chunk, real=False)
-        kid_mean, kid_std = kid.compute()
-        out[name] = {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
-    return out
 
 
 # ----------------------------------------------------------------------------- attributes

@@ -25,7 +25,9 @@ from model.assess import assess, first_images
 from pipeline import build_loader
 from pipeline.attributes import AttributeFileError, shard_attributes
 from pipeline.cache import CachedLoader
+from pipeline.cache_file import decoder_of
 from pipeline.shards import load_manifest
+from run import fid_plan
 from run.checkpoint import CheckpointWriter, checkpoint_state, save_weights
 from run.folder import (CHECKPOINT, CURVES, INTERPOLATIONS, METRICS, RECONSTRUCTIONS, SAMPLES, TB, TB_EVENTS,
                         WEIGHTS, RunDir)
@@ -252,7 +254,8 @@ def end_of_training(model, preview, train_step, args, loaders: dict, cached) -> 
     """After the last epoch, on rank 0: the samples, the interpolations, and in one pass over each split
     (from the resident cache when there is one) the quality work of model/assess.py: the ex-post GMM and
     its faces, the SWD of prior samples, GMM samples and reconstructions against the validation images,
-    active units, and with attributes in the shards their vectors and attributes.png. Returns the figures
+    active units, FID and KID when on (run/fid_plan.py: --fid, by default on CUDA), and with attributes in
+    the shards their vectors and attributes.png. Returns the figures
     for the last epoch's row, TensorBoard's pictures and the names of the files written."""
     out_dir, device = Path(args.output_dir), train_step.device
     samples = figures.save_samples(model, args.z_dim, args.seed, device, out_dir / SAMPLES)
@@ -265,7 +268,20 @@ def end_of_training(model, preview, train_step, args, loaders: dict, cached) -> 
         return build_loader(args.loader, args.data_path, split, args.batch_size, device, train=False,
                             workers=args.workers, crop=args.crop, with_keys=keys)
 
-    real = first_images(every_image("val", keys=False), quality.SWD_IMAGES)
+    n_fid = fid_plan.images(args.fid, device)
+    # A file that fails now (parse_args checked it) costs the figure, not the run: it warns, the weights follow.
+    network = fid_plan.network(args.fid_weights, device, asked=False) if n_fid else None
+    val, keys = first_images(every_image("val", keys=True), max(quality.SWD_IMAGES, n_fid if network else 0),
+                             keys=True)
+    fid_reals = None
+    if network is not None:
+        # What decoded the pixels, for the reals' statistics file: the val loader, or the loader that filled the cache.
+        reader = loaders["val"] if "val" not in cached else build_loader(
+            args.loader, args.data_path, "val", args.batch_size, device, train=False, workers=args.workers,
+            crop=args.crop)
+        fid_reals, line = fid_plan.reals(network, val[:n_fid], keys[:n_fid], args.data_path, args.crop,
+                                         decoder_of(reader)[1])
+        print(line)
     try:
         attributes = shard_attributes(args.data_path, load_manifest(args.data_path))
     except AttributeFileError as exn:  # the weights matter more than the attribute pictures
@@ -273,8 +289,8 @@ def end_of_training(model, preview, train_step, args, loaders: dict, cached) -> 
         attributes = None
     found, files = assess(model, out_dir / WEIGHTS, seed=args.seed, batch_size=args.batch_size,
                           to_input=train_step.to_input, autocast=train_step.autocast,
-                          train=every_image("train", keys=True), attributes=attributes, real=real,
-                          pictures=out_dir, start=preview[:1])
+                          train=every_image("train", keys=True), attributes=attributes,
+                          real=val[:quality.SWD_IMAGES], fid_reals=fid_reals, pictures=out_dir, start=preview[:1])
     found["quality_seconds"] = time.perf_counter() - started
     pictures = {"generated_samples": samples, **({"interpolations": lines} if lines is not None else {})}
     return found, pictures, [SAMPLES, *([INTERPOLATIONS] if lines is not None else []), *(f.name for f in files)]

@@ -1,7 +1,10 @@
 """model/fid.py and pipeline/fid_stats.py: the Fréchet distance, KID, the FID network's file and its
-check, the real network on synthetic faces, and the reals' statistics cached beside the shards."""
+check, the real network on synthetic faces, and the reals' statistics cached beside the shards; and
+their wiring (run/fid_plan.py): train.py's and generate.py's --fid and --fid-weights."""
 
+import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +13,13 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
-from conftest import copy_shards
+import generate
+import train
+from conftest import copy_shards, split_keys
 from model import fid
 from pipeline import fid_stats
 from pipeline.torch_loader import decode_resized_batch
+from run import fid_plan
 
 NETWORK = fid.packaged_file()
 needs_network = pytest.mark.skipif(NETWORK is None, reason="the FID network's file is not installed: "
@@ -70,7 +76,7 @@ def test_both_ways_agree_on_singular_covariances():
 
 @pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save all extracted features")
 def test_kid_matches_torchmetrics_on_the_same_features(monkeypatch):
-    from torchmetrics.image.kid import KernelInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance  # here: the reference, a test-only dependency
 
     real, fake = inception_like(130, 64, seed=4).double(), inception_like(90, 64, shift=0.2, seed=5).double()
     # The features themselves go in, through an identity "network".
@@ -301,3 +307,126 @@ def test_the_cache_file_name_comes_from_the_run_only():
     for bad in (("../val", "center", 10), ("val", "center/..", 10), ("val", "center", 1), ("val", "center", True)):
         with pytest.raises(ValueError):
             fid_stats.file_name(*bad)
+
+
+# ----------------------------------------------------------------------------- --fid and --fid-weights
+
+SETS = ("prior", "gmm", "reconstructions")
+
+
+def changed_copy(folder: Path) -> Path:
+    """A copy of the network's file with one byte changed: its size is right, its SHA-256 is not."""
+    copy = folder / "default_1.pt"
+    shutil.copyfile(NETWORK, copy)
+    with open(copy, "r+b") as f:
+        f.seek(fid.FILE_BYTES // 3)
+        byte = f.read(1)
+        f.seek(fid.FILE_BYTES // 3)
+        f.write(bytes([byte[0] ^ 0x80]))
+    return copy
+
+
+class PooledColours(torch.nn.Module):
+    """A stand-in for the network where the assertion is about the wiring: (N, 3, 299, 299) -> (N, 2048)
+    non-negative features of pooled colours, fixed weights, thousands of images per second."""
+
+    def __init__(self):
+        super().__init__()
+        self.project = torch.nn.Linear(3 * 4 * 4, fid.DIM)
+        with torch.no_grad():
+            self.project.weight.copy_(torch.randn(fid.DIM, 48, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return F.relu(self.project(F.adaptive_avg_pool2d(x, 4).flatten(1)))
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_fid_counts_default_to_cuda_only():
+    assert fid_plan.images(None, "cuda") == fid_plan.CUDA_IMAGES
+    assert fid_plan.images(None, "cpu") == 0
+    assert fid_plan.images(0, "cuda") == 0 and fid_plan.images(8, "cpu") == 8
+
+
+@pytest.mark.flag_effect("train.py", "--fid")
+def test_the_cpu_default_leaves_fid_off(trained, shards):
+    row = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "swd_prior" in row and not any(k.startswith(("fid", "kid")) for k in row)
+    assert not list(shards.glob("fid-*.stats"))
+
+
+@needs_network
+@pytest.mark.flag_effect("train.py", "--fid")
+def test_train_with_fid_n_writes_fid_and_kid_into_the_last_row(tiny, tmp_path, monkeypatch, capsys):
+    networks = []
+    monkeypatch.setattr(fid, "load_network", lambda path=None, device="cpu": networks.append(path) or PooledColours())
+    out = tmp_path / "run"
+    # The resident cache: the reals' file names the loader that filled it (generate.py's test: a loader's own)
+    assert train.main(train.parse_args(["--data-path", str(tiny), "--output-dir", str(out), "--batch-size", "8",
+                                        "--workers", "1", "--epochs", "1", "--cache", "on", "--no-compile",
+                                        "--fid", "4"])) == 0
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    n = len(split_keys(tiny, "val"))  # 3: --fid 4 takes the whole split when it has fewer
+    assert networks == [None] and n < 4 and last["fid_images"] == last["fid_real_images"] == n
+    for name in SETS:
+        assert last[f"fid_{name}"] > 0 and f"kid_{name}" in last and last[f"kid_std_{name}"] >= 0
+    assert (tiny / fid_stats.file_name("val", "center", n)).is_file()  # the reals' statistics, beside the shards
+    printed = capsys.readouterr().out
+    assert "cached val:" in printed and "FID statistics of val computed" in printed
+
+
+@needs_network
+@pytest.mark.flag_effect("train.py", "--fid-weights")
+def test_train_refuses_changed_fid_weights_in_one_line_before_anything(tiny, tmp_path, monkeypatch, capsys):
+    loads = []
+    monkeypatch.setattr(fid.torch.jit, "load", lambda *a, **k: loads.append(a))
+    out = tmp_path / "run"
+    assert train.run(["--data-path", str(tiny), "--output-dir", str(out), "--fid", "4",
+                      "--fid-weights", str(changed_copy(tmp_path))]) == 1
+    line = one_line(capsys)
+    assert "SHA-256" in line and fid.INSTALL in line and loads == [] and not out.exists()
+
+
+@needs_network
+@pytest.mark.flag_effect("generate.py", "--fid")
+def test_generate_evaluate_reports_fid_and_kid_from_the_real_network(trained, shards, tmp_path, capsys):
+    run, data = tmp_path / "run", copy_shards(shards, tmp_path / "shards")
+    run.mkdir()
+    for name in ("vae_celeba.pth", "vae_celeba.gmm.pt", "metrics.jsonl"):
+        shutil.copyfile(trained / name, run / name)
+    # 4 images per set: 16 through the network, a few seconds on 2 cores
+    assert generate.run(["--weights", str(run / "vae_celeba.pth"), "--evaluate", "--data-path", str(data),
+                         "--images", "4", "--fid", "4"]) == 0
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["kind"] == "evaluate" and row["fid_images"] == 4 and row["swd_images"] == 4
+    for name in SETS:
+        assert row[f"fid_{name}"] > 0 and f"kid_{name}" in row
+    out = capsys.readouterr().out
+    assert f"written to {data / fid_stats.file_name('val', 'center', 4)}" in out and "fid_prior" in out
+
+
+@needs_network
+@pytest.mark.flag_effect("generate.py", "--fid-weights")
+def test_generate_refuses_changed_fid_weights_in_one_line_before_loading(trained, shards, tmp_path, monkeypatch,
+                                                                          capsys):
+    loads = []
+    monkeypatch.setattr(fid.torch.jit, "load", lambda *a, **k: loads.append(a))
+    assert generate.run(["--weights", str(trained / "vae_celeba.pth"), "--evaluate", "--data-path", str(shards),
+                         "--fid", "4", "--fid-weights", str(changed_copy(tmp_path))]) == 1
+    line = one_line(capsys)
+    assert "SHA-256" in line and "refused unloaded" in line and loads == []
+
+
+def test_fid_asked_for_without_the_package_is_one_line_and_the_cuda_default_goes_on(trained, shards, monkeypatch,
+                                                                                     capsys):
+    monkeypatch.setattr(fid.importlib.util, "find_spec", lambda name: None)
+    assert generate.run(["--weights", str(trained / "vae_celeba.pth"), "--evaluate", "--data-path", str(shards),
+                         "--fid", "4"]) == 1
+    assert fid.INSTALL in one_line(capsys)
+    assert fid_plan.network(None, "cpu", asked=False) is None  # the default on CUDA: a warning, no FID
+    (warning,) = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith("warning: no FID or KID") and fid.INSTALL in warning

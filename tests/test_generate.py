@@ -1,7 +1,6 @@
 """generate.py on the weights of the shared short training run."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -234,28 +233,22 @@ def test_evaluate_appends_the_swd_of_each_sampler_to_metrics(trained, shards, tm
                          str(tmp_path / "nowhere")]) == 1
 
 
-@pytest.mark.flag_effect("generate.py", "--fid")
-def test_fid_without_inception_weights_is_one_line_and_downloads_nothing(trained, shards, tmp_path):
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home")}
-    result = subprocess.run([sys.executable, "generate.py", "--weights", str(trained / "vae_celeba.pth"), "--evaluate",
-                             "--data-path", str(shards), "--fid"], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: --fid needs") and quality.INCEPTION_URL in line and "--inception-weights" in line
-    assert not (tmp_path / "torch_home").exists()
-
-
-@pytest.mark.flag_effect("generate.py", "--inception-weights")
-def test_inception_weights_are_read_safely_and_checked(trained, shards, tmp_path):
+@pytest.mark.flag_effect("generate.py", "--fid-weights")
+def test_fid_weights_are_checked_before_they_are_read_as_a_network(trained, shards, tmp_path, capsys):
     planted = tmp_path / "PWNED"
-    bad = tmp_path / "inception.pth"
+    bad = tmp_path / "inception.pt"
     torch.save({"conv.weight": FileMaker(planted)}, bad)  # unpickling it would create `planted`
-    line = one_line_error("--weights", trained / "vae_celeba.pth", "--evaluate", "--data-path", shards, "--fid",
-                          "--inception-weights", bad)
-    assert str(bad) in line and not planted.exists() and not (ROOT / "PWNED").exists()
-    line = one_line_error("--weights", trained / "vae_celeba.pth", "--evaluate", "--data-path", shards, "--fid",
-                          "--inception-weights", tmp_path / "missing.pth")
-    assert "no such file" in line
+
+    def one_line(*argv):  # in this process: the check comes before anything is loaded
+        assert gen(trained, "--evaluate", "--data-path", shards, *argv) == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: ")
+        return line
+
+    for fid_flags in (["--fid", "4"], []):  # with FID asked for, and with the default (off on the CPU)
+        line = one_line(*fid_flags, "--fid-weights", bad)
+        assert str(bad) in line and "not the" in line and not planted.exists() and not (ROOT / "PWNED").exists()
+    assert "no such file" in one_line("--fid", 4, "--fid-weights", tmp_path / "missing.pt")
 
 
 class FileMaker:
@@ -289,7 +282,9 @@ def parse_error(capsys, *argv) -> str:
                                                          "not with --reconstruct"),
     (["--samples", "4", "--limit", "3"], "--limit goes with --reconstruct, not with --samples"),
     (["--steps", "4"], "--steps goes with --interpolate or --attribute, not with --samples"),
-    (["--fid"], "--fid goes with --evaluate, not with --samples"),
+    (["--fid", "8"], "--fid goes with --evaluate, not with --samples"),
+    (["--fid-weights", "x.pt"], "--fid-weights goes with --evaluate, not with --samples"),
+    (["--evaluate", "--fid", "1"], "must be 0 (off) or at least 2 images, not 1"),
     (["--evaluate", "--out", "x.png"], "--out goes with"),
     (["--interpolate", "a.jpg", "b.jpg", "--sampler", "gmm"], "--sampler goes with --samples or --attribute"),
     (["--attribute", "Smiling", "--reconstruct", "a.jpg"], "not allowed with argument"),

@@ -5,7 +5,6 @@ import pickle
 
 import pytest
 import torch
-from torch import nn
 
 from model import quality
 from pipeline.attributes import CELEBA_ATTRIBUTES_FILE, ATTRIBUTES, AttributeFileError, parse_attributes, shard_attributes
@@ -122,44 +121,6 @@ def test_a_gmm_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     torch.save({"weights": torch.ones(2), "means": torch.zeros(3, 4), "covariances": torch.zeros(3, 4, 4)}, bad)
     with pytest.raises(quality.QualityError, match="do not fit together"):
         quality.load_gmm(bad)
-
-
-# ----------------------------------------------------------------------------- FID and KID
-
-
-class TinyFeatures(nn.Module):
-    """A small fixed feature extractor for torchmetrics: uint8 images -> 8 pooled colour statistics."""
-
-    num_features = 8
-
-    def forward(self, x):
-        x = x.float() / 255
-        pooled = nn.functional.avg_pool2d(x, 16).flatten(1)  # 3 x 4 x 4
-        return torch.cat([pooled[:, :4], pooled[:, 16:20]], 1).double()
-
-
-def test_fid_and_kid_end_to_end_with_a_custom_extractor():
-    real = quality.to_uint8(smooth_images(60, 0))
-    same = quality.to_uint8(smooth_images(60, 1))
-    darker = quality.to_uint8(smooth_images(60, 2) * 0.7)
-    out = quality.fid_kid(real, {"same": same, "darker": darker}, TinyFeatures())
-    assert set(out["same"]) == {"fid", "kid", "kid_std"}
-    assert out["darker"]["fid"] > 10 * out["same"]["fid"] > 0
-    assert out["darker"]["kid"] > out["same"]["kid"]
-
-
-def test_fid_weights_are_looked_for_never_downloaded(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    assert quality.inception_file() is None
-    assert quality.INCEPTION_URL in quality.missing_inception_message()
-    with pytest.raises(quality.QualityError, match="no such file"):
-        quality.inception_file(tmp_path / "missing.pth")
-    cached = tmp_path / "hub" / "checkpoints" / quality.INCEPTION_URL.rsplit("/", 1)[1]
-    cached.parent.mkdir(parents=True)
-    torch.save({"not": torch.zeros(1)}, cached)
-    assert quality.inception_file() == cached
-    with pytest.raises(quality.QualityError, match="Inception"):
-        quality.inception_extractor(cached)  # read with weights_only, then refused: not Inception's weights
 
 
 # ----------------------------------------------------------------------------- attributes
