@@ -21,10 +21,14 @@ scoped to the module. pytest prints the 15 slowest tests at the end of every run
 """
 
 import json
+import os
 import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # before torch loads: two workers on two cores, one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and in every process a test starts (docs/tests.md)
 
 import pytest
 
