@@ -35,7 +35,7 @@ def main(argv=None):
     rows = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if "kind" not in r]
     last = epochs[-1]
-    out = {k: last[k] for k in ("swd_prior", "swd_gmm", "swd_reconstructions", "swd_images", "swd_seed",
+    out = {k: last[k] for k in ("swd_prior", "swd_gmm", "swd_reconstructions", "swd_images", "swd_seed", "swd_patches",
                                 "fid_prior", "fid_gmm", "fid_reconstructions", "kid_prior", "kid_gmm",
                                 "kid_reconstructions", "fid_images", "fid_seconds",
                                 "val_active_units_cov", "val_active_dims_kl", "quality_seconds") if k in last}

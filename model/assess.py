@@ -82,6 +82,7 @@ def assess(model, weights: Path, *, seed: int, batch_size: int, to_input, autoca
         distances = quality.swd(real, fakes, seed=seed)
         record.update({**{f"swd_{k}": sum(v) / len(v) for k, v in distances.items()},
                        "swd_levels": distances, "swd_images": n, "swd_real": "val", "swd_seed": seed,
+                       "swd_patches": quality.SWD_PATCHES_PER_IMAGE,
                        "val_active_units_cov": quality.active_units(mu),
                        "val_active_dims_kl": quality.active_dims_kl(mu, logvar), "active_images": n})
         if fid_reals is not None:

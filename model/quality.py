@@ -43,7 +43,9 @@ def outputs(weights_name: str) -> tuple[str, ...]:
     return (stem + GMM_SUFFIX, stem + ATTRIBUTES_SUFFIX, GMM_SAMPLES, ATTRIBUTE_GRID)
 
 ACTIVE_UNIT_COV = 0.01  # Burda et al. 2016: a unit is active when Cov_x(E[z|x]) exceeds this
-SWD_PATCH, SWD_PATCHES_PER_IMAGE, SWD_MIN_RESOLUTION = 7, 128, 16  # Karras et al. 2018
+# Karras et al. 2018 took 128 patches per image; 32 cost the end of training 2.8x less SWD time for the same
+# spread over seeds of the prior samples' figure (benchmarks/RESULTS.md, 2026-12-06)
+SWD_PATCH, SWD_PATCHES_PER_IMAGE, SWD_MIN_RESOLUTION = 7, 32, 16
 SWD_PROJECTIONS = 512  # Karras et al.: 4 repeats of 128 directions
 SWD_IMAGES = 2048  # images per set at most (Karras et al. used 16,384; the demo's val split has ~500)
 SWD_SCALE = 1e3  # reported x 10^3, as in the paper
@@ -231,7 +233,7 @@ def swd(real: torch.Tensor, fakes: dict[str, torch.Tensor], seed: int = 0) -> di
     """Sliced Wasserstein distance x 10^3 of each set in `fakes` to `real`, at each Laplacian-pyramid
     level, finest first. Images (N, 3, H, W), uint8 or floats in [0, 1]; every set as many as `real`.
 
-    As Karras et al. 2018: 128 random 7x7 patches per image and level, each patch a 147-d descriptor,
+    As Karras et al. 2018: random 7x7 patches per image and level (SWD_PATCHES_PER_IMAGE), each a 147-d descriptor,
     512 random directions (POT's get_random_projections), W1 along each. Two changes, so that the figure
     means what it says: every set's patches sit at the same places (a set against itself gives exactly
     0), and every descriptor is normalised by the per-channel mean and deviation of the `real` set's
