@@ -45,6 +45,19 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "flag_effect(script, flag): the test shows the effect of that flag of that "
                             "script (train.py, prep/shard.py, generate.py)")
 
+
+# The files that take longest, longest first (benchmarks/RESULTS.md). pytest-xdist's --dist loadfile hands
+# whole files to the workers in collection order: starting these first keeps a long one from starting last
+# and running alone while the other worker waits.
+LONGEST_FILES = ("test_distributed.py", "test_train.py", "test_faults.py", "test_benchmark.py")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    first = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(LONGEST_FILES)))  # stable: each file keeps its order
+
+
 SHARD_SIZE = 40
 
 
