@@ -149,13 +149,7 @@ def test_the_packaged_file_is_found_without_importing_the_package():
 
 @needs_network
 def test_a_changed_byte_is_refused_before_loading(tmp_path, monkeypatch):
-    copy = tmp_path / "default_1.pt"
-    shutil.copyfile(NETWORK, copy)
-    with open(copy, "r+b") as f:
-        f.seek(fid.FILE_BYTES // 2)
-        byte = f.read(1)
-        f.seek(fid.FILE_BYTES // 2)
-        f.write(bytes([byte[0] ^ 1]))
+    copy = changed_copy(tmp_path)
     loads = []
     monkeypatch.setattr(fid.torch.jit, "load", lambda *a, **k: loads.append(a))
     with pytest.raises(fid.FidError, match="SHA-256") as info:
